@@ -1,0 +1,258 @@
+"""The ``robustkit`` command line.
+
+Every error a user can cause ends in one line on stderr and exit code 2 (3 when an attack breaks
+the threat model); progress bars go to stderr and the summary table to stdout, so
+``robustkit eval ... > summary.txt`` captures just the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from robustkit.errors import ConfigError, RobustkitError
+
+EXAMPLES = """\
+examples:
+  robustkit eval --model small_cnn --attack autoattack --n-examples 200
+  robustkit eval --model small_cnn --attack pgd --norm L2 --eps 0.5 --attack-arg steps=50
+  robustkit eval --model small_cnn --attack none                 # clean accuracy only
+  robustkit eval --model rb:Standard --rb-model-dir ./models     # a RobustBench zoo model
+  robustkit eval --model my_run.safetensors --dataset cifar10    # your own robustkit checkpoint
+  robustkit list models
+
+data: --data-dir DIR, else $ROBUSTKIT_DATA, else ~/.cache/robustkit/data; a folder holding
+<dataset>/test.npz (robustkit's cache format) or torchvision's files (downloaded when online).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustkit",
+        description="Adversarial-robustness evaluation: clean and AutoAttack accuracy you can trust, "
+        "reproduce, resume and submit.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"robustkit {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ev = sub.add_parser(
+        "eval", help="clean and adversarial accuracy of a model, written to a result JSON",
+        description="Evaluate a model: clean pass over the first N test examples (in order), then the "
+        "attack on the correctly classified ones. Killed runs resume when re-run with the same --out.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument("--model", required=True,
+                    help="registered id (see `robustkit list models`), rb:<RobustBenchName>, or a "
+                    ".safetensors checkpoint path")
+    ev.add_argument("--attack", default="autoattack",
+                    help="attack name (see `robustkit list attacks`), foolbox:<Name>, a preset .toml, "
+                    "or 'none' for clean accuracy only (default: autoattack)")
+    ev.add_argument("--norm", default="Linf", help="threat norm: Linf or L2 (default: Linf)")
+    ev.add_argument("--eps", default=None,
+                    help="budget as a float or fraction, e.g. 8/255 (default: the dataset's convention, "
+                    "CIFAR Linf 8/255, L2 0.5; MNIST Linf 0.3)")
+    ev.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an attack parameter (repeatable), e.g. steps=50 or random_start=true")
+    ev.add_argument("--dataset", default=None,
+                    help="dataset name (default: the one the model was trained on)")
+    ev.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTKIT_DATA or ~/.cache/robustkit/data)")
+    ev.add_argument("--data-file", default=None,
+                    help="evaluate on your own .npz (images uint8 NHWC or float in [0,1], labels)")
+    ev.add_argument("--no-download", action="store_true", help="never try to download data or weights")
+    ev.add_argument("--n-examples", type=int, default=None,
+                    help="first N test examples (default: 1000, or all if fewer)")
+    ev.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    ev.add_argument("--out", default=None,
+                    help="result JSON path; per-example records go next to it as .records.jsonl "
+                    "(default: results/<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
+    ev.add_argument("--no-resume", action="store_true", help="start over even if --out has records")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.add_argument("--rb-model-dir", default=None,
+                    help="where rb: weights live (<dir>/<dataset>/<threat>/<Name>.pt; default: "
+                    "$ROBUSTKIT_RB_MODEL_DIR or ~/.cache/robustkit/robustbench)")
+    ev.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("list", help="list models, attacks or datasets")
+    ls.add_argument("what", choices=["models", "attacks", "datasets"])
+    ls.set_defaults(func=cmd_list)
+
+    tr = sub.add_parser("train", help="train a model producer (see `robustkit train small_cnn --help`)",
+                        add_help=False)
+    tr.add_argument("producer", help="small_cnn")
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    tr.set_defaults(func=cmd_train)
+
+    be = sub.add_parser("bench", help="benchmarks (overhead of the harness vs bare pyautoattack)",
+                        add_help=False)
+    be.add_argument("which", help="overhead")
+    be.add_argument("rest", nargs=argparse.REMAINDER)
+    be.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except RobustkitError as e:
+        print(f"robustkit: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("robustkit: interrupted; finished batches are saved — run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from robustkit.attacks import create_attack
+    from robustkit.data import DataError, dataset_info, load_array_file, load_split
+    from robustkit.eval import evaluate
+    from robustkit.models import load_model
+    from robustkit.provenance import resolve_device
+
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    model_kwargs: dict[str, Any] = {}
+    if args.model.startswith("rb:"):
+        model_kwargs = {"dataset": args.dataset or "cifar10", "threat_model": args.norm,
+                        "model_dir": args.rb_model_dir, "download": not args.no_download}
+    loaded = load_model(args.model, device=device, **model_kwargs)
+    dataset = args.dataset or loaded.dataset or "cifar10"
+
+    attack = None
+    if args.attack.lower() != "none":
+        params = dict(parse_attack_arg(a) for a in args.attack_arg)
+        attack = create_attack(args.attack, norm=args.norm, eps=args.eps, dataset=dataset, **params)
+    elif args.attack_arg:
+        raise ConfigError("--attack-arg needs an attack")
+
+    if args.data_file:
+        x, y = load_array_file(args.data_file)
+        if args.n_examples is not None:
+            if args.n_examples > len(y):
+                raise DataError(f"--n-examples {args.n_examples} exceeds the {len(y)} examples in {args.data_file}")
+            x, y = x[: args.n_examples], y[: args.n_examples]
+        data_info = {"source": str(args.data_file), "split": "file", "n_available": int(x.shape[0])}
+        dataset_name = Path(args.data_file).stem
+    else:
+        dataset_info(dataset)  # unknown names fail here with close matches
+        split = load_split(dataset, "test", data_dir=args.data_dir, download=not args.no_download)
+        n = args.n_examples if args.n_examples is not None else min(1000, len(split))
+        x, y = split.tensors(n)
+        data_info = {"source": split.source, "split": "test", "n_available": len(split),
+                     "indices": "first-n", "fingerprint": split.fingerprint(n)}
+        dataset_name = dataset
+    if loaded.num_classes is not None and int(y.max()) >= loaded.num_classes:
+        raise ConfigError(f"labels go up to {int(y.max())} but {args.model} has {loaded.num_classes} classes: "
+                          f"is --dataset {dataset_name} the data it was trained for?")
+
+    out = Path(args.out) if args.out else default_out(args.model, args.attack, dataset_name, len(y), args.seed)
+    records = out.with_suffix(".records.jsonl")
+    result = evaluate(
+        loaded.model, attack, x, y,
+        batch_size=args.batch_size, device=device, seed=args.seed,
+        records_path=records, resume=not args.no_resume, progress=not args.no_progress,
+        model_name=loaded.name, attack_name=None if attack is None else args.attack,
+        dataset=dataset_name, data_info=data_info, checkpoint_sha256=loaded.checkpoint_sha256,
+    )
+    result.save(out)
+    print(result.summary())
+    print(f"\nresult: {out}\nrecords: {records}")
+    return 0
+
+
+def parse_attack_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as a TOML value (numbers, booleans, lists), else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise ConfigError(f"--attack-arg {text!r}: write KEY=VALUE, e.g. steps=50")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def default_out(model: str, attack: str, dataset: str, n: int, seed: int) -> Path:
+    def clean(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(s).stem if s.endswith((".safetensors", ".toml")) else s)
+
+    return Path("results") / f"{clean(model)}__{clean(attack)}__{clean(dataset)}-n{n}-s{seed}.json"
+
+
+# --------------------------------------------------------------------------- list / train / bench
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from robustkit.models import MODELS
+
+        for entry in MODELS:
+            info = entry.factory()
+            tags = ", ".join(f"{info.name}.{t}" for t in sorted(info.tags)) or "(no shipped weights)"
+            print(f"{info.name:<14} {info.dataset:<10} {info.description}\n{'':<14} weights: {tags}; "
+                  f"random init: {info.name}.init")
+        print("rb:<Name>      any RobustBench model-zoo entry (weights from --rb-model-dir)")
+    elif args.what == "attacks":
+        from robustkit.attacks import ATTACKS
+
+        for entry in ATTACKS:
+            print(f"{entry.name:<16} {entry.description}")
+        print(f"{'foolbox:<Name>':<16} any fixed-epsilon foolbox 3 attack, e.g. foolbox:LinfPGD")
+    else:
+        from robustkit.data import DATASETS, dataset_info
+
+        for name in DATASETS.names():
+            info = dataset_info(name)
+            shape = "x".join(map(str, info.shape))
+            print(f"{name:<14} {info.num_classes:>3} classes  {shape:<8} {info.description}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.producer == "small_cnn":
+        from robustkit.models.small_cnn import main as train_main
+
+        return int(train_main(args.rest) or 0)
+    from robustkit.errors import UnknownNameError
+
+    raise UnknownNameError("producer", args.producer, ["small_cnn"])
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "overhead":
+        from robustkit.bench import main as bench_main
+
+        return int(bench_main(args.rest) or 0)
+    from robustkit.errors import UnknownNameError
+
+    raise UnknownNameError("benchmark", args.which, ["overhead"])
+
+
+def _version() -> str:
+    from robustkit import __version__
+
+    return __version__

@@ -1,0 +1,37 @@
+"""Forward/backward image-pass counting, the cost measure AutoAttack papers report."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PassCounter(nn.Module):
+    """Wraps a model and counts image-forwards and image-backwards through it.
+
+    A backward is counted when a gradient reaches the model's output, which covers both
+    ``loss.backward()`` (FAB) and ``torch.autograd.grad`` (APGD, PGD). Counting is per image, so
+    a batch of 64 is 64 passes, matching how AutoAttack's cost is usually quoted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_passes = 0
+        self.backward_passes = 0
+        self.forward_calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        n = int(x.shape[0])
+        self.forward_passes += n
+        self.forward_calls += 1
+        if out.requires_grad:
+            out.register_hook(lambda g, n=n: self._count_backward(n))
+        return out
+
+    def _count_backward(self, n: int) -> None:
+        self.backward_passes += n
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.forward_passes, self.backward_passes

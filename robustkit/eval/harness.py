@@ -1,0 +1,364 @@
+"""``evaluate()``: clean and robust accuracy with resume, budget checks and provenance.
+
+The survivor cascade is AutoAttack's: the clean pass runs over all examples in order, in
+batches; each attack stage then runs only on the examples every earlier stage failed to break,
+re-batched in index order. With AutoAttack that reproduces ``run_standard_evaluation`` batch for
+batch, which is why per-example results equal the reference's; with any other attack it is
+simply the cheapest correct way to compute point-wise worst-case accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from robustkit.attacks.base import Attack, perturbation_norms
+from robustkit.errors import BudgetViolationError, ConfigError, InputRangeError
+from robustkit.eval.counting import PassCounter
+from robustkit.eval.records import RecordStore
+from robustkit.eval.results import EvalResult, StageResult
+from robustkit.provenance import provenance, resolve_device
+
+BUDGET_TOLERANCE = 1e-5
+
+
+def evaluate(
+    model: nn.Module,
+    attack: Attack | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device | None = "auto",
+    seed: int = 0,
+    records_path: str | Path | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    model_name: str | None = None,
+    attack_name: str | None = None,
+    dataset: str | None = None,
+    data_info: dict[str, Any] | None = None,
+    checkpoint_sha256: str | None = None,
+) -> EvalResult:
+    """Evaluate ``model`` on ``(x, y)``, clean and (when ``attack`` is given) under attack.
+
+    Args:
+        model: [0,1] NCHW images -> logits. Put in eval mode for the run (and restored after);
+            its parameters get no ``.grad`` from the attacks.
+        attack: a registered attack (see :func:`robustkit.create_attack`) or None for clean only.
+        x, y: float images in [0, 1] (N, C, H, W) and int labels (N,), kept on CPU; batches
+            move to ``device``.
+        records_path: JSONL file of per-example records; with ``resume`` a run that was killed
+            continues where it stopped and produces the same final numbers.
+        seed: the only source of randomness; the caller's global RNG state is left untouched.
+    """
+    started = time.time()
+    _validate_inputs(x, y, batch_size)
+    dev = resolve_device(device)
+    n = int(x.shape[0])
+    name = model_name or type(model).__name__
+    protocol = {
+        "model": name,
+        "checkpoint_sha256": checkpoint_sha256,
+        "attack": attack_name or (attack.name if attack else None),
+        "attack_config": attack.config() if attack else None,
+        "dataset": dataset,
+        "data_fingerprint": (data_info or {}).get("fingerprint") or _fingerprint(x, y),
+        "n_examples": n,
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+    }
+    store = RecordStore(records_path, protocol, resume=resume)
+    counter = PassCounter(model)
+    stage_names = ["clean", *(attack.stages() if attack else [])]
+    budget = {"norm": attack.norm, "eps": attack.eps, "tolerance": BUDGET_TOLERANCE,
+              "max_linf": 0.0, "max_l2": 0.0, "checked": 0} if attack else None
+    checks: dict[str, Any] = {}
+    run_warnings: list[str] = []
+
+    with _evaluation_mode(model, dev), _isolated_rng(dev):
+        counter.to(dev)
+        checks.update(_model_checks(model, x[:batch_size].to(dev)))
+        for msg in checks.get("warnings", []):
+            run_warnings.append(msg)
+            warnings.warn(msg, stacklevel=2)
+        _run_clean(counter, x, y, dev, batch_size, store, progress)
+        if attack is not None:
+            attack.prepare(counter, dev, seed=int(seed))
+            for k, stage in enumerate(stage_names[1:], start=1):
+                survivors = _survivors(store, stage_names[:k], n)
+                _run_stage(attack, counter, stage, k, survivors, x, y, dev, batch_size, seed,
+                           store, budget, progress)
+    store.close()
+
+    stages = _stage_results(store, stage_names, n)
+    clean = [bool(store.examples[("clean", i)]["correct"]) for i in range(n)]
+    robust = _final_flags(store, stage_names, n) if attack else None
+    if attack is not None and budget is not None:
+        _gradient_masking_hints(attack, stages, checks, run_warnings)
+    elapsed = time.time() - started
+    stage_seconds = sum(s.seconds for s in stages)
+    return EvalResult(
+        model=name,
+        attack=protocol["attack"],
+        attack_config=protocol["attack_config"],
+        dataset=dataset,
+        norm=attack.norm if attack else None,
+        eps=attack.eps if attack else None,
+        seed=int(seed),
+        batch_size=int(batch_size),
+        n_examples=n,
+        clean_accuracy=sum(clean) / n,
+        robust_accuracy=(sum(robust) / n) if robust is not None else None,
+        stages=stages,
+        clean_flags="".join("1" if c else "0" for c in clean),
+        robust_flags="".join("1" if r else "0" for r in robust) if robust is not None else None,
+        passes={"forward": sum(s.forward_passes for s in stages),
+                "backward": sum(s.backward_passes for s in stages)},
+        timing={"total_seconds": stage_seconds, "this_session_seconds": elapsed,
+                "resumed_batches": store.resumed_batches,
+                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))},
+        budget=budget,
+        checks=checks,
+        data={**(data_info or {}), "fingerprint": protocol["data_fingerprint"]},
+        provenance={**provenance(dev), "checkpoint_sha256": checkpoint_sha256},
+        records_path=str(records_path) if records_path else None,
+        warnings=run_warnings,
+    )
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _run_clean(model: PassCounter, x: torch.Tensor, y: torch.Tensor, dev: torch.device,
+               batch_size: int, store: RecordStore, progress: bool) -> None:
+    n = x.shape[0]
+    n_batches = -(-n // batch_size)
+    with _bar(n_batches, "clean", progress) as bar:
+        for b in range(n_batches):
+            if store.is_committed("clean", b):
+                bar.update(1)
+                continue
+            t0, (f0, b0) = time.perf_counter(), model.snapshot()
+            lo, hi = b * batch_size, min((b + 1) * batch_size, n)
+            xb, yb = x[lo:hi].to(dev), y[lo:hi].to(dev)
+            with torch.no_grad():
+                pred = model(xb).max(dim=1)[1]
+            recs = [{"i": lo + j, "y": int(yb[j]), "pred": int(pred[j]), "correct": bool(pred[j] == yb[j])}
+                    for j in range(hi - lo)]
+            f1, b1 = model.snapshot()
+            store.write_batch("clean", b, recs, {"seconds": time.perf_counter() - t0,
+                                                 "forward": f1 - f0, "backward": b1 - b0})
+            bar.update(1)
+
+
+def _survivors(store: RecordStore, done: list[str], n: int) -> list[int]:
+    """Indices correct after every stage in ``done`` (in index order: AutoAttack's batching)."""
+    alive = [bool(store.examples[("clean", i)]["correct"]) for i in range(n)]
+    for stage in done[1:]:
+        for i in range(n):
+            rec = store.examples.get((stage, i))
+            if alive[i] and rec is not None and not rec["robust"]:
+                alive[i] = False
+    return [i for i in range(n) if alive[i]]
+
+
+def _run_stage(attack: Attack, model: PassCounter, stage: str, k: int, survivors: list[int],
+               x: torch.Tensor, y: torch.Tensor, dev: torch.device, batch_size: int, seed: int,
+               store: RecordStore, budget: dict[str, Any] | None, progress: bool) -> None:
+    n_batches = -(-len(survivors) // batch_size)
+    with _bar(n_batches, stage, progress) as bar:
+        for b in range(n_batches):
+            if store.is_committed(stage, b):
+                bar.update(1)
+                continue
+            t0, (f0, b0) = time.perf_counter(), model.snapshot()
+            idx = survivors[b * batch_size:(b + 1) * batch_size]
+            idx_t = torch.tensor(idx, dtype=torch.long)
+            xb, yb = x[idx_t].to(dev), y[idx_t].to(dev)
+            x_adv = attack.perturb(model, xb, yb, stage=stage, seed=_batch_seed(seed, stage, b)).detach()
+            linf, l2 = _check_budget(x_adv, xb, attack, stage, idx, budget)
+            with torch.no_grad():
+                pred = model(x_adv).max(dim=1)[1]
+            recs = [{"i": i, "pred": int(pred[j]), "robust": bool(pred[j] == yb[j]),
+                     "linf": float(linf[j]), "l2": float(l2[j])} for j, i in enumerate(idx)]
+            f1, b1 = model.snapshot()
+            store.write_batch(stage, b, recs, {"seconds": time.perf_counter() - t0,
+                                               "forward": f1 - f0, "backward": b1 - b0})
+            bar.update(1)
+            bar.set_postfix(broken=sum(not r["robust"] for r in recs), refresh=False)
+
+
+def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, attack: Attack, stage: str,
+                  idx: list[int], budget: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fail loudly on any example outside the eps-ball (+1e-5) or outside [0, 1]."""
+    if x_adv.shape != x.shape:
+        raise BudgetViolationError(f"{stage} returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise BudgetViolationError(f"{stage} returned non-finite values")
+    linf, l2 = perturbation_norms(x_adv, x)
+    dist = linf if attack.norm == "Linf" else l2
+    over = (dist > attack.eps + BUDGET_TOLERANCE).nonzero().flatten()
+    if len(over):
+        j = int(over[0])
+        raise BudgetViolationError(
+            f"{stage} produced example {idx[j]} at {attack.norm} distance {float(dist[j]):.7f} > eps "
+            f"{attack.eps:.7f} (+{BUDGET_TOLERANCE:g}); the result would be invalid, so the run stops"
+        )
+    lo, hi = float(x_adv.min()), float(x_adv.max())
+    if lo < 0.0 or hi > 1.0:
+        raise BudgetViolationError(f"{stage} produced pixel values outside [0, 1] (min {lo:.6g}, max {hi:.6g})")
+    if budget is not None:
+        budget["max_linf"] = max(budget["max_linf"], float(linf.max()) if len(linf) else 0.0)
+        budget["max_l2"] = max(budget["max_l2"], float(l2.max()) if len(l2) else 0.0)
+        budget["checked"] += int(x.shape[0])
+    return linf, l2
+
+
+def _batch_seed(seed: int, stage: str, batch: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{stage}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _final_flags(store: RecordStore, stage_names: list[str], n: int) -> list[bool]:
+    alive = set(_survivors(store, stage_names, n))
+    return [i in alive for i in range(n)]
+
+
+def _stage_results(store: RecordStore, stage_names: list[str], n: int) -> list[StageResult]:
+    out = []
+    for k, stage in enumerate(stage_names):
+        commits = store.stage_commits(stage)
+        alive = _survivors(store, stage_names[: k + 1], n)
+        attacked = [r for (s, _), r in store.examples.items() if s == stage]
+        out.append(StageResult(
+            name=stage,
+            accuracy=len(alive) / n,
+            n_attacked=len(attacked),
+            n_broken=sum(1 for r in attacked if not r.get("robust", r.get("correct", True))),
+            seconds=sum(c["seconds"] for c in commits),
+            forward_passes=sum(c["forward"] for c in commits),
+            backward_passes=sum(c["backward"] for c in commits),
+        ))
+    return out
+
+
+def _gradient_masking_hints(attack: Attack, stages: list[StageResult], checks: dict[str, Any],
+                            run_warnings: list[str]) -> None:
+    """AutoAttack's own flag: a black-box attack that beats the gradient attacks hints at masking."""
+    by_name = {s.name: s for s in stages}
+    square = by_name.get("square")
+    if square is not None and square.n_broken > 0:
+        msg = (f"Square (black-box) broke {square.n_broken} example(s) the gradient attacks could not: "
+               "a sign of gradient masking; consider an adaptive attack")
+        checks["square_broke_points"] = square.n_broken
+        run_warnings.append(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _validate_inputs(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise InputRangeError("inputs must be a float tensor of shape (N, C, H, W) with values in [0, 1]")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ConfigError(f"labels must be a 1-D tensor with one label per input ({x.shape[0]})")
+    if x.shape[0] == 0:
+        raise ConfigError("no examples to evaluate")
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0 or not torch.isfinite(x).all():
+        raise InputRangeError(
+            f"inputs must lie in [0, 1] (found min {lo:.4g}, max {hi:.4g}); robustkit models "
+            "normalise internally, so pass unnormalised images"
+        )
+
+
+@contextmanager
+def _evaluation_mode(model: nn.Module, dev: torch.device) -> Iterator[None]:
+    """Eval mode and frozen parameters for the run; both restored afterwards.
+
+    Freezing parameters means FAB's ``.backward()`` cannot leave gradients in the model (a known
+    AutoAttack side effect) and no weight gradients are computed at all.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    model.to(dev).eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, rg in flags:
+            p.requires_grad_(rg)
+        for p, g in grads:
+            p.grad = g
+        model.train(was_training)
+
+
+@contextmanager
+def _isolated_rng(dev: torch.device) -> Iterator[None]:
+    """Run with private RNG state: AutoAttack reseeds torch's global RNG on every batch."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _model_checks(model: nn.Module, xb: torch.Tensor) -> dict[str, Any]:
+    """Cheap sanity checks on the first batch: determinism and logits (not probabilities)."""
+    out: dict[str, Any] = {"warnings": []}
+    with torch.no_grad():
+        a, b = model(xb), model(xb)
+    out["deterministic"] = bool(torch.equal(a, b))
+    if not out["deterministic"]:
+        out["warnings"].append("the model's outputs differ between two identical forward passes: it is "
+                               "randomized; use --attack autoattack-rand (EOT) for a meaningful number")
+    probs_like = bool((a >= -1e-5).all() and (a <= 1 + 1e-5).all() and
+                      torch.allclose(a.sum(1), torch.ones_like(a[:, 0]), atol=1e-4))
+    out["outputs_are_probabilities"] = probs_like
+    if probs_like:
+        out["warnings"].append("the model seems to output probabilities, not logits: gradient attacks "
+                               "are weakened by the softmax; return logits")
+    out["num_classes"] = int(a.shape[1])
+    return out
+
+
+@contextmanager
+def _bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"{desc:>8}", unit="batch", disable=not enabled or total == 0,
+               file=sys.stderr, dynamic_ncols=True, leave=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()

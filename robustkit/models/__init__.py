@@ -1,0 +1,20 @@
+"""Model architectures and shipped weights (imported explicitly so registration never depends on
+what else happened to be imported)."""
+
+from robustkit.models import small_cnn  # noqa: F401  (registers tiny_cnn and small_cnn)
+from robustkit.models.base import (
+    MODELS,
+    LoadedModel,
+    Normalize,
+    Weights,
+    create_model,
+    list_models,
+    load_model,
+    model_info,
+    register_model,
+)
+
+__all__ = [
+    "MODELS", "LoadedModel", "Normalize", "Weights", "create_model", "list_models", "load_model",
+    "model_info", "register_model",
+]

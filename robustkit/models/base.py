@@ -1,0 +1,181 @@
+"""The model registry and the model contract.
+
+Contract: a model maps float32 NCHW images in [0, 1] to logits; normalisation lives inside the
+model (:class:`Normalize`), as RobustBench requires, so attacks and the harness never need to
+know a dataset's mean and std. Models are returned in ``eval()`` mode on the requested device.
+
+Names are ``arch.tag``: the architecture is registered once; each tag names a set of weights
+(``small_cnn.cifar10_partial``). ``arch`` alone picks the default tag; ``arch.init`` gives the
+architecture with seeded random weights (what tests and trainers start from).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkit.checkpoint import load_checkpoint, read_metadata
+from robustkit.errors import CheckpointError, UnknownNameError
+from robustkit.registry import Registry
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, stored as buffers so it moves with the model."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A shipped weights file, pinned by sha256 so a swapped or truncated file is refused."""
+
+    file: str  # relative to robustkit/weights/, without suffix
+    sha256: str
+    description: str = ""
+
+
+@dataclass
+class ModelInfo:
+    """What ``robustkit list models`` shows and ``create_model`` needs."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    description: str
+    dataset: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    tags: dict[str, Weights] = field(default_factory=dict)
+    default_tag: str | None = None
+
+
+MODELS: Registry[ModelInfo] = Registry("model")
+
+
+def register_model(
+    name: str,
+    builder: Callable[..., nn.Module],
+    *,
+    description: str,
+    dataset: str,
+    num_classes: int,
+    input_shape: tuple[int, int, int],
+    tags: dict[str, Weights] | None = None,
+    default_tag: str | None = None,
+) -> None:
+    """Register an architecture and its shipped weights."""
+    info = ModelInfo(
+        name, builder, description, dataset, num_classes, input_shape, dict(tags or {}), default_tag
+    )
+    MODELS.register(name, lambda: info, description, dataset=dataset)
+
+
+def model_info(name: str) -> ModelInfo:
+    """Registry entry of an architecture name (no tag)."""
+    return MODELS.get(name).factory()
+
+
+def list_models() -> list[str]:
+    """Every loadable model id (``arch.tag``), plus ``arch.init`` for random weights."""
+    out: list[str] = []
+    for entry in MODELS:
+        info: ModelInfo = entry.factory()
+        out.extend(f"{info.name}.{tag}" for tag in sorted(info.tags))
+        out.append(f"{info.name}.init")
+    return out
+
+
+def resolve_model_name(name: str) -> tuple[ModelInfo, str]:
+    """Split ``arch.tag`` and validate both halves (close matches on typos)."""
+    arch, _, tag = name.partition(".")
+    if arch not in MODELS:
+        raise UnknownNameError("model", name, list_models() + MODELS.names())
+    info = model_info(arch)
+    if not tag:
+        tag = info.default_tag or "init"
+    if tag != "init" and tag not in info.tags:
+        raise UnknownNameError("model", name, list_models())
+    return info, tag
+
+
+@dataclass
+class LoadedModel:
+    """A model plus where it came from (recorded in result provenance)."""
+
+    model: nn.Module
+    name: str
+    dataset: str | None
+    num_classes: int | None
+    checkpoint_sha256: str | None
+    metadata: dict[str, Any]
+
+
+def load_model(
+    name: str, *, device: str | torch.device = "cpu", seed: int = 0, **arch_args: Any
+) -> LoadedModel:
+    """Load a registered model id, a robustkit checkpoint path, or ``rb:<RobustBenchName>``."""
+    dev = torch.device(device)
+    if name.startswith("rb:"):
+        from robustkit.models.robustbench_zoo import load_robustbench_model
+
+        loaded = load_robustbench_model(name[3:], **arch_args)
+    elif name.endswith((".safetensors", ".json")) or "/" in name or "\\" in name:
+        loaded = load_checkpoint_model(name)
+    else:
+        info, tag = resolve_model_name(name)
+        if tag == "init":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = info.builder(**arch_args)
+            loaded = LoadedModel(
+                model, f"{info.name}.init", info.dataset, info.num_classes, None,
+                {"architecture": info.name, "arch_args": arch_args, "init_seed": seed},
+            )
+        else:
+            w = info.tags[tag]
+            loaded = load_checkpoint_model(WEIGHTS_DIR / w.file, expected_sha256=w.sha256)
+            loaded.name = f"{info.name}.{tag}"
+    loaded.model.to(dev).eval()
+    return loaded
+
+
+def load_checkpoint_model(path: str | Path, expected_sha256: str | None = None) -> LoadedModel:
+    """Rebuild the architecture named in a checkpoint's metadata and load its verified weights."""
+    meta = read_metadata(path)
+    arch = meta["architecture"]
+    if arch not in MODELS:
+        raise CheckpointError(f"checkpoint {path} names unknown architecture {arch!r}")
+    info = model_info(arch)
+    state, meta = load_checkpoint(path, expected_sha256)
+    model = info.builder(**meta.get("arch_args", {}))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {first}") from None
+    return LoadedModel(
+        model,
+        str(path),
+        meta.get("dataset") or info.dataset,
+        meta.get("num_classes") or info.num_classes,
+        meta["sha256_verified"],
+        meta,
+    )
+
+
+def create_model(name: str, *, device: str | torch.device = "cpu", **kwargs: Any) -> nn.Module:
+    """Build a model from the registry (``"small_cnn.cifar10_partial"``), a checkpoint path
+    or ``"rb:<RobustBenchName>"``; returned in eval mode on ``device``."""
+    return load_model(name, device=device, **kwargs).model

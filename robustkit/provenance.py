@@ -1,0 +1,75 @@
+"""Where a number came from: package versions, git commit, device, host.
+
+Recorded in every result so a robustness figure can be traced to the exact code and hardware
+that produced it (RobustBench entries record none of this; see toolkits.md §1.2).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("robustkit", "torch", "torchvision", "numpy", "pyautoattack", "foolbox", "safetensors")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that can change a result."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: str | Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the robustkit checkout, or nulls for an installed wheel."""
+    root = Path(path) if path else Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=5,
+        )
+        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def describe_device(device: torch.device) -> str:
+    """Human-readable device, e.g. ``cuda:0 (NVIDIA H200)`` or ``cpu (2 threads)``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"cpu ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})"
+
+
+def provenance(device: torch.device) -> dict[str, Any]:
+    """Everything about the environment worth recording next to a result."""
+    return {
+        "versions": package_versions(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git": git_commit(),
+        "device": describe_device(device),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "command": sys.argv if sys.argv and sys.argv[0] else None,
+    }
