@@ -36,7 +36,8 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
-    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+    # Append rather than with_suffix(): "small_cnn.cifar10_partial" has a dot of its own.
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
 def save_checkpoint(
@@ -148,10 +149,14 @@ def load_foreign_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         head = p.read_bytes()[:64].lstrip().lower()
         hint = " (it looks like an HTML page: a failed download)" if head.startswith(b"<") else ""
         raise CheckpointError(f"cannot load {p} as a weights-only checkpoint{hint}: {e}") from None
-    for key in ("state_dict", "model_state_dict", "model", "net"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
+    # Unwrap containers repeatedly: some zoo files hold {"last": {"state_dict": ...}}.
+    unwrapped = True
+    while unwrapped and isinstance(obj, dict):
+        unwrapped = False
+        for key in ("state_dict", "model_state_dict", "model", "net", "last"):
+            if key in obj and isinstance(obj[key], dict):
+                obj, unwrapped = obj[key], True
+                break
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p} does not hold a state dict")
     return {_strip_prefixes(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -121,7 +121,7 @@ def test_eval_writes_result(capsys, tiny_checkpoint, tmp_path):
 
 def _eval_cmd(ckpt: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "robustkit", "eval", "--model", str(ckpt), "--dataset", "synthetic",
-            "--attack", "pgd", "--attack-arg", "steps=60", "--eps", "2/255", "--n-examples", "256",
+            "--attack", "pgd", "--attack-arg", "steps=40", "--eps", "2/255", "--n-examples", "160",
             "--batch-size", "8", "--seed", "7", "--no-progress", "--out", str(out)]
 
 

@@ -1,0 +1,448 @@
+"""Datasets as arrays: the robustkit cache format, the torchvision fallback, user files, synthetic data.
+
+Everything an evaluation reads passes through :class:`ArraySplit`: uint8 N x H x W x C images,
+int64 labels and each example's index in the official split. The on-disk cache
+``<root>/<dataset>/{train,test}.npz`` has exactly that layout, so a folder of partial datasets
+(only the first images of a split) is as usable as a complete one, and a result can say which
+official images it saw. Evaluations take the first ``n`` examples in order, the RobustBench
+convention, so numbers are comparable across tools without shuffling seeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robustkit.errors import ConfigError, DataError, InputRangeError, UnknownNameError
+from robustkit.registry import Registry
+
+__all__ = [
+    "DATASETS", "ArraySplit", "DataError", "DatasetInfo", "InputRangeError", "UnknownNameError",
+    "dataset_info", "default_data_dir", "list_datasets", "load_array_file", "load_examples",
+    "load_split", "resolve_data_dir",
+]
+
+ENV_VAR = "ROBUSTKIT_DATA"
+SPLITS = ("train", "test")
+SYNTHETIC_SEED = 0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset before seeing any of it."""
+
+    name: str
+    num_classes: int
+    shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]  # published per-channel stats, for Normalize layers inside models
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    description: str
+
+
+@dataclass
+class ArraySplit:
+    """One split of one dataset, as loaded; ``source`` goes into result provenance."""
+
+    dataset: str
+    split: str
+    images: np.ndarray  # uint8 N x H x W x C
+    labels: np.ndarray  # int64 N
+    indices: np.ndarray  # int64 N, index into the official split
+    source: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def _check_n(self, n: int | None) -> int:
+        if n is None:
+            return len(self)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise ConfigError(f"number of examples must be an integer, got {n!r}")
+        n = int(n)
+        if n < 0:
+            raise ConfigError(f"number of examples must be >= 0, got {n}")
+        if n > len(self):
+            raise DataError(
+                f"asked for {n} examples but {self.dataset} {self.split} has only {len(self)} "
+                f"(from {self.source})"
+            )
+        return n
+
+    def tensors(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """First n examples IN ORDER (RobustBench convention) as float32 NCHW in [0,1] and int64
+        labels; n > len -> DataError with both numbers."""
+        n = self._check_n(n)
+        x = torch.from_numpy(np.ascontiguousarray(self.images[:n])).permute(0, 3, 1, 2)
+        x = x.to(torch.float32).div_(255.0).contiguous()
+        y = torch.from_numpy(np.array(self.labels[:n], dtype=np.int64))  # a copy: callers may mutate
+        return x, y
+
+    def fingerprint(self, n: int | None = None) -> str:
+        """sha256 hex over the first n images+labels (so a result records exactly which data it saw).
+
+        It hashes the float32 NCHW bytes of :meth:`tensors` then the int64 labels, so the same
+        examples give the same fingerprint whether they came from a split or an in-memory tensor.
+        """
+        x, y = self.tensors(n)
+        h = hashlib.sha256()
+        h.update(x.numpy().tobytes())
+        h.update(y.numpy().tobytes())
+        return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- registry
+
+DATASETS: Registry[DatasetInfo] = Registry("dataset")
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+SYNTHETIC_SIZES = {"train": 2000, "test": 512}
+
+
+def _register(info: DatasetInfo, **meta: Any) -> None:
+    DATASETS.register(info.name, lambda: info, info.description, **meta)
+
+
+_register(
+    DatasetInfo("cifar10", 10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616),
+                CIFAR10_CLASSES, "CIFAR-10: 32x32 colour images of 10 object classes"),
+    torchvision="CIFAR10", torchvision_dir="cifar-10-batches-py", sizes={"train": 50000, "test": 10000},
+)
+_register(
+    DatasetInfo("cifar100", 100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                CIFAR100_CLASSES, "CIFAR-100: 32x32 colour images of 100 fine classes"),
+    torchvision="CIFAR100", torchvision_dir="cifar-100-python", sizes={"train": 50000, "test": 10000},
+)
+_register(
+    DatasetInfo("mnist", 10, (1, 28, 28), (0.1307,), (0.3081,), MNIST_CLASSES,
+                "MNIST: 28x28 greyscale handwritten digits"),
+    torchvision="MNIST", torchvision_dir="MNIST/raw", sizes={"train": 60000, "test": 10000},
+)
+_register(
+    DatasetInfo("fashion_mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), FASHION_MNIST_CLASSES,
+                "Fashion-MNIST: 28x28 greyscale clothing images"),
+    torchvision="FashionMNIST", torchvision_dir="FashionMNIST/raw", sizes={"train": 60000, "test": 10000},
+)
+_register(
+    DatasetInfo("synthetic", 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                tuple(f"class_{i}" for i in range(10)),
+                "generated, learnable 10-class 32x32 colour patterns (tests and demos; never on disk)"),
+    synthetic=True, sizes=dict(SYNTHETIC_SIZES),
+)
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Static facts about ``name``; unknown names raise :class:`UnknownNameError` with close matches."""
+    return DATASETS.get(name).factory()
+
+
+def list_datasets() -> list[str]:
+    """Registered dataset names, sorted."""
+    return DATASETS.names()
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def default_data_dir() -> Path:
+    """``~/.cache/robustkit/data``: the cache root when nothing else is configured."""
+    return Path.home() / ".cache" / "robustkit" / "data"
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """Explicit argument, else ``$ROBUSTKIT_DATA``, else :func:`default_data_dir`."""
+    if data_dir is not None and str(data_dir) != "":
+        return Path(data_dir).expanduser()
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return Path(env).expanduser()
+    return default_data_dir()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_split(
+    name: str, split: str = "test", *, data_dir: str | Path | None = None, download: bool = True
+) -> ArraySplit:
+    """Load one split: the robustkit cache, else torchvision's files (cached on success), else one
+    :class:`DataError` naming every path tried and how to fix it."""
+    entry = DATASETS.get(name)
+    info: DatasetInfo = entry.factory()
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r} for {info.name}; use 'train' or 'test'")
+    if entry.meta.get("synthetic"):
+        return _synthetic_split(split)
+
+    root = resolve_data_dir(data_dir)
+    cache = root / info.name / f"{split}.npz"
+    if cache.is_file():
+        return _read_cache(cache, info, split, entry.meta["sizes"][split])
+
+    tv_dir = root / entry.meta["torchvision_dir"]
+    root_existed = root.exists()  # before torchvision's download creates it
+    loaded, reason = _from_torchvision(info, split, root, download, entry.meta)
+    if loaded is not None:
+        _write_cache(cache, loaded)
+        return loaded
+
+    where = "" if root_existed else f" (data dir {root} does not exist)"
+    hint = "" if download else ", or allow downloading (drop --no-download / download=False)"
+    raise DataError(
+        f"no {info.name} {split} data{where}: tried {cache} (not found) and torchvision's {tv_dir} "
+        f"({reason}); set {ENV_VAR} or --data-dir to a folder containing {info.name}/{split}.npz "
+        f"(robustkit cache format) or torchvision's {entry.meta['torchvision_dir']}{hint}"
+    )
+
+
+def load_examples(
+    name: str,
+    n: int | None = None,
+    *,
+    split: str = "test",
+    data_dir: str | Path | None = None,
+    download: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, ArraySplit]:
+    """First ``n`` examples of a split as tensors, plus the split (for its source and fingerprint)."""
+    loaded = load_split(name, split, data_dir=data_dir, download=download)
+    x, y = loaded.tensors(n)
+    return x, y, loaded
+
+
+_CACHE_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def _read_cache(path: Path, info: DatasetInfo, split: str, official_size: int) -> ArraySplit:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: not an .npz archive (expected arrays images, labels, indices)")
+            arrays = {k: f[k] for k in f.files}
+    except DataError:
+        raise
+    except _CACHE_READ_ERRORS as e:
+        raise DataError(f"{path}: unreadable or corrupt cache file ({_one_line(e)}); delete it to rebuild") from e
+    return _validate(arrays, info, split, official_size, str(path))
+
+
+def _validate(
+    arrays: dict[str, np.ndarray], info: DatasetInfo, split: str, official_size: int, source: str
+) -> ArraySplit:
+    """Check an npz-layout dict against the dataset's shape and label range: a wrong file should
+    fail here, with its name, not as a shape error deep inside a model."""
+    missing = [k for k in ("images", "labels", "indices") if k not in arrays]
+    if missing:
+        raise DataError(f"{source}: missing array(s) {', '.join(missing)} (found: {', '.join(sorted(arrays)) or 'none'})")
+    images, labels, indices = arrays["images"], arrays["labels"], arrays["indices"]
+    c, h, w = info.shape
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, c):
+        raise DataError(f"{source}: images are {images.dtype} {images.shape}, expected uint8 N x {h} x {w} x {c}")
+    n = images.shape[0]
+    if n == 0:
+        raise DataError(f"{source}: holds no images")
+    for key, arr in (("labels", labels), ("indices", indices)):
+        if arr.dtype.kind not in "iu" or arr.shape != (n,):
+            raise DataError(f"{source}: {key} are {arr.dtype} {arr.shape}, expected integers of shape ({n},)")
+    labels, indices = labels.astype(np.int64), indices.astype(np.int64)
+    if labels.min() < 0 or labels.max() >= info.num_classes:
+        raise DataError(f"{source}: labels span {labels.min()}..{labels.max()}, "
+                        f"but {info.name} has {info.num_classes} classes")
+    if indices.min() < 0 or indices.max() >= official_size:
+        raise DataError(f"{source}: indices span {indices.min()}..{indices.max()}, "
+                        f"outside the official {split} split of {official_size}")
+    if "all_labels" in arrays:
+        all_labels = arrays["all_labels"]
+        if all_labels.shape != (official_size,) or not np.array_equal(all_labels[indices], labels):
+            raise DataError(f"{source}: labels disagree with all_labels[indices]")
+    return ArraySplit(info.name, split, images, labels, indices, source)
+
+
+def _torchvision_class(name: str) -> Any:
+    """The torchvision dataset class for ``name`` (imported lazily: torchvision is slow to import).
+    Tests replace this function to stand in for torchvision without its md5-checked files."""
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, DATASETS.get(name).meta["torchvision"])
+
+
+def _from_torchvision(
+    info: DatasetInfo, split: str, root: Path, download: bool, meta: dict[str, Any]
+) -> tuple[ArraySplit | None, str]:
+    """Load via torchvision; on any failure return ``(None, reason)`` so the caller can report
+    every path tried in one error instead of a third-party traceback."""
+    try:
+        cls = _torchvision_class(info.name)
+        ds = cls(root=str(root), train=(split == "train"), download=download)
+        data, targets = ds.data, ds.targets
+    except Exception as e:  # noqa: BLE001 - any torchvision failure means "no usable copy here"
+        msg = _one_line(e)
+        if not download and isinstance(e, RuntimeError) and "not found" in msg.lower():
+            return None, "not found or incomplete; downloading disabled"
+        return None, f"{'download failed: ' if download else ''}{type(e).__name__}: {msg}"
+    images = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if images.ndim == 3:  # MNIST-like: N x H x W
+        images = images[..., None]
+    labels = targets.numpy() if isinstance(targets, torch.Tensor) else np.asarray(targets)
+    source = str(root / meta["torchvision_dir"])
+    arrays = {
+        "images": np.ascontiguousarray(images),
+        "labels": labels.astype(np.int64, copy=False),
+        "indices": np.arange(len(labels), dtype=np.int64),
+    }
+    return _validate(arrays, info, split, meta["sizes"][split], source), ""
+
+
+def _write_cache(path: Path, split: ArraySplit) -> None:
+    """Write the npz cache atomically (temp file + rename), so a killed run or a concurrent one
+    never leaves a half-written cache; an unwritable root only costs the cache, so it warns."""
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, images=split.images, labels=split.labels, indices=split.indices)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"could not write the robustkit cache {path} ({_one_line(e)}); continuing without it",
+                      stacklevel=3)
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _synthetic_split(split: str) -> ArraySplit:
+    """10 classes of smooth colour gratings plus a class-placed blob, jittered and noised.
+
+    Templates come from the fixed seed; each split draws its examples from its own stream, so
+    train and test share classes but not images. Per-example tint, shift and noise make colour
+    alone unreliable (nearest class mean: ~70% test accuracy), so a tiny CNN has to learn texture
+    and layout: ~95% after 150 SGD steps, yet PGD at eps 2/255 still breaks about a quarter, which
+    gives attack tests real work.
+    """
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    k, size = 10, 32
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    templates = np.empty((k, size, size, 3))
+    for c in range(k):
+        base = rng.uniform(0.4, 0.6, size=3)
+        theta = np.pi * c / k + rng.uniform(-0.1, 0.1)
+        freq = rng.uniform(1.5, 4.0)
+        phase = rng.uniform(0, 2 * np.pi)
+        amp = rng.uniform(-0.15, 0.15, size=3)
+        grating = np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+        cy, cx = rng.uniform(0.25, 0.75, size=2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 0.12**2))
+        blob_colour = rng.uniform(-0.15, 0.15, size=3)
+        templates[c] = base + grating[..., None] * amp + blob[..., None] * blob_colour
+
+    n = SYNTHETIC_SIZES[split]
+    ex = np.random.default_rng([SYNTHETIC_SEED, SPLITS.index(split) + 1])
+    labels = np.arange(n, dtype=np.int64) % k
+    ex.shuffle(labels)
+    shifts = ex.integers(-3, 4, size=(n, 2))
+    brightness = ex.uniform(-0.08, 0.08, size=(n, 1, 1, 1))
+    tint = ex.uniform(-0.08, 0.08, size=(n, 1, 1, 3))  # so colour alone is not a reliable cue
+    noise = ex.normal(0.0, 0.2, size=(n, size, size, 3))
+    images = np.empty((n, size, size, 3))
+    for i in range(n):
+        images[i] = np.roll(templates[labels[i]], shift=tuple(shifts[i]), axis=(0, 1))
+    images = np.clip(images + brightness + tint + noise, 0.0, 1.0)
+    return ArraySplit(
+        "synthetic", split, np.round(images * 255).astype(np.uint8), labels,
+        np.arange(n, dtype=np.int64), f"synthetic:seed={SYNTHETIC_SEED}",
+    )
+
+
+# --------------------------------------------------------------------------- user files
+
+
+def load_array_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """User data file (.npz with `images` and `labels`): uint8 N×H×W×C (scaled by 1/255) or float arrays
+    N×C×H×W or N×H×W×C that must already lie in [0,1]; float values outside [0,1] -> InputRangeError
+    naming the min/max found; missing keys/unreadable file -> DataError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: expected an .npz archive with arrays 'images' and 'labels'")
+            missing = [k for k in ("images", "labels") if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(missing)} "
+                                f"(found: {', '.join(f.files) or 'none'}); expected 'images' and 'labels'")
+            images, labels = f["images"], f["labels"]
+    except DataError:
+        raise
+    except _CACHE_READ_ERRORS as e:
+        raise DataError(f"{path}: unreadable data file ({_one_line(e)})") from e
+
+    if images.ndim == 3:  # N x H x W greyscale
+        images = images[:, None]
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise DataError(f"{path}: images have shape {images.shape}, expected N x C x H x W or N x H x W x C")
+    if images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+    elif images.shape[1] not in (1, 3):
+        raise DataError(f"{path}: cannot tell the channel axis of images with shape {images.shape} "
+                        "(expected 1 or 3 channels, first or last)")
+    n = images.shape[0]
+    if labels.dtype.kind not in "iu" or labels.shape != (n,):
+        raise DataError(f"{path}: labels are {labels.dtype} {labels.shape}, expected integers of shape ({n},)")
+    if labels.min() < 0:
+        raise DataError(f"{path}: labels must be >= 0, found {labels.min()}")
+
+    if images.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
+    elif images.dtype.kind == "f":
+        lo, hi = float(np.min(images)), float(np.max(images))
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0.0 or hi > 1.0:
+            raise InputRangeError(
+                f"{path}: images lie in [{lo:.4g}, {hi:.4g}], outside [0, 1]; robustkit models take raw "
+                "[0, 1] pixels and normalise inside the model, so undo any Normalize before saving"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    else:
+        raise DataError(f"{path}: images are {images.dtype}; expected uint8 (0-255) or float in [0, 1]")
+    return x.contiguous(), torch.from_numpy(labels.astype(np.int64))
