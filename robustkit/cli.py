@@ -168,7 +168,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"labels go up to {int(y.max())} but {args.model} has {loaded.num_classes} classes: "
                           f"is --dataset {dataset_name} the data it was trained for?")
 
-    out = Path(args.out) if args.out else default_out(args.model, args.attack, dataset_name, len(y), args.seed)
+    out = Path(args.out) if args.out else default_out(loaded.name, args.attack, dataset_name, len(y), args.seed)
     records = out.with_suffix(".records.jsonl")
     result = evaluate(
         loaded.model, attack, x, y,
