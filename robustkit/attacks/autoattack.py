@@ -125,11 +125,16 @@ class AutoAttack(Attack):
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, stage: str, seed: int
     ) -> torch.Tensor:
-        # AutoAttack seeds every perturb call with the same run seed (not the per-batch one):
-        # reproducing that is what makes our per-example flags equal the reference's.
-        aa = self._aa
-        if aa is None:
+        # AutoAttack seeds every perturb call with the same run seed (not the per-batch one), and
+        # runs its attackers under no_grad (they enable grad where they need it): reproducing
+        # both is what makes our per-example flags equal the reference's.
+        if self._aa is None:
             raise RuntimeError("AutoAttack.prepare() must be called before perturb()")
+        with torch.no_grad():
+            return self._dispatch(x, y, stage)
+
+    def _dispatch(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        aa = self._aa
         if stage in ("apgd-ce", "apgd-dlr"):
             aa.apgd.loss = "ce" if stage == "apgd-ce" else "dlr"
             aa.apgd.seed = self._seed

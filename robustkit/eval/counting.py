@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -20,6 +22,9 @@ class PassCounter(nn.Module):
         self.forward_passes = 0
         self.backward_passes = 0
         self.forward_calls = 0
+        # Called after every forward: lets a progress bar show life inside a long batch (one
+        # Square batch is 5,000 sequential queries).
+        self.on_forward: Callable[[], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
@@ -28,6 +33,8 @@ class PassCounter(nn.Module):
         self.forward_calls += 1
         if out.requires_grad:
             out.register_hook(lambda g, n=n: self._count_backward(n))
+        if self.on_forward is not None:
+            self.on_forward()
         return out
 
     def _count_backward(self, n: int) -> None:

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,7 @@ def _run_stage(attack: Attack, model: PassCounter, stage: str, k: int, survivors
                store: RecordStore, budget: dict[str, Any] | None, progress: bool) -> None:
     n_batches = -(-len(survivors) // batch_size)
     with _bar(n_batches, stage, progress) as bar:
+        model.on_forward = _liveness(bar, model) if progress and n_batches else None
         for b in range(n_batches):
             if store.is_committed(stage, b):
                 bar.update(1)
@@ -197,7 +198,20 @@ def _run_stage(attack: Attack, model: PassCounter, stage: str, k: int, survivors
             store.write_batch(stage, b, recs, {"seconds": time.perf_counter() - t0,
                                                "forward": f1 - f0, "backward": b1 - b0})
             bar.update(1)
-            bar.set_postfix(broken=sum(not r["robust"] for r in recs), refresh=False)
+        model.on_forward = None
+
+
+def _liveness(bar: Any, model: PassCounter, every: float = 0.5) -> Callable[[], None]:
+    """Refresh the bar's pass count at most every ``every`` seconds while a batch runs."""
+    last = [0.0]
+
+    def tick() -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            bar.set_postfix_str(f"{model.forward_passes:,} fwd / {model.backward_passes:,} bwd image-passes")
+
+    return tick
 
 
 def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, attack: Attack, stage: str,
