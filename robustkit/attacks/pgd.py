@@ -224,14 +224,14 @@ class PGD(_GradientAttack):
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         with torch.enable_grad():
             for _ in range(self.restarts):
-                todo = (~found).nonzero().squeeze(1)
-                if todo.numel() == 0:
+                pending = (~found).nonzero().squeeze(1)
+                if pending.numel() == 0:
                     break
-                adv, loss, success = self._run_once(model, x[todo], y[todo], gen)
-                take = success | (loss > best_loss[todo])
-                best[todo[take]] = adv[take]
-                best_loss[todo[take]] = loss[take]
-                found[todo[success]] = True
+                adv, loss, success = self._run_once(model, x[pending], y[pending], gen)
+                take = success | (loss > best_loss[pending])
+                best[pending[take]] = adv[take]
+                best_loss[pending[take]] = loss[take]
+                found[pending[success]] = True
         return best
 
     def _run_once(
