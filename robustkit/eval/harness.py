@@ -87,20 +87,22 @@ def evaluate(
     checks: dict[str, Any] = {}
     run_warnings: list[str] = []
 
-    with _evaluation_mode(model, dev), _isolated_rng(dev):
-        counter.to(dev)
-        checks.update(_model_checks(model, x[:batch_size].to(dev)))
-        for msg in checks.get("warnings", []):
-            run_warnings.append(msg)
-            warnings.warn(msg, stacklevel=2)
-        _run_clean(counter, x, y, dev, batch_size, store, progress)
-        if attack is not None:
-            attack.prepare(counter, dev, seed=int(seed))
-            for k, stage in enumerate(stage_names[1:], start=1):
-                survivors = _survivors(store, stage_names[:k], n)
-                _run_stage(attack, counter, stage, k, survivors, x, y, dev, batch_size, seed,
-                           store, budget, progress)
-    store.close()
+    try:
+        with _evaluation_mode(model, dev), _isolated_rng(dev):
+            counter.to(dev)
+            checks.update(_model_checks(model, x[:batch_size].to(dev)))
+            for msg in checks.get("warnings", []):
+                run_warnings.append(msg)
+                warnings.warn(msg, stacklevel=2)
+            _run_clean(counter, x, y, dev, batch_size, store, progress)
+            if attack is not None:
+                attack.prepare(counter, dev, seed=int(seed))
+                for k, stage in enumerate(stage_names[1:], start=1):
+                    survivors = _survivors(store, stage_names[:k], n)
+                    _run_stage(attack, counter, stage, k, survivors, x, y, dev, batch_size, seed,
+                               store, budget, progress)
+    finally:  # the records file stays valid for a resume whatever happened
+        store.close()
 
     stages = _stage_results(store, stage_names, n)
     clean = [bool(store.examples[("clean", i)]["correct"]) for i in range(n)]
@@ -180,25 +182,27 @@ def _run_stage(attack: Attack, model: PassCounter, stage: str, k: int, survivors
     n_batches = -(-len(survivors) // batch_size)
     with _bar(n_batches, stage, progress) as bar:
         model.on_forward = _liveness(bar, model) if progress and n_batches else None
-        for b in range(n_batches):
-            if store.is_committed(stage, b):
+        try:
+            for b in range(n_batches):
+                if store.is_committed(stage, b):
+                    bar.update(1)
+                    continue
+                t0, (f0, b0) = time.perf_counter(), model.snapshot()
+                idx = survivors[b * batch_size:(b + 1) * batch_size]
+                idx_t = torch.tensor(idx, dtype=torch.long)
+                xb, yb = x[idx_t].to(dev), y[idx_t].to(dev)
+                x_adv = attack.perturb(model, xb, yb, stage=stage, seed=_batch_seed(seed, stage, b)).detach()
+                linf, l2 = _check_budget(x_adv, xb, attack, stage, idx, budget)
+                with torch.no_grad():
+                    pred = model(x_adv).max(dim=1)[1]
+                recs = [{"i": i, "pred": int(pred[j]), "robust": bool(pred[j] == yb[j]),
+                         "linf": float(linf[j]), "l2": float(l2[j])} for j, i in enumerate(idx)]
+                f1, b1 = model.snapshot()
+                store.write_batch(stage, b, recs, {"seconds": time.perf_counter() - t0,
+                                                   "forward": f1 - f0, "backward": b1 - b0})
                 bar.update(1)
-                continue
-            t0, (f0, b0) = time.perf_counter(), model.snapshot()
-            idx = survivors[b * batch_size:(b + 1) * batch_size]
-            idx_t = torch.tensor(idx, dtype=torch.long)
-            xb, yb = x[idx_t].to(dev), y[idx_t].to(dev)
-            x_adv = attack.perturb(model, xb, yb, stage=stage, seed=_batch_seed(seed, stage, b)).detach()
-            linf, l2 = _check_budget(x_adv, xb, attack, stage, idx, budget)
-            with torch.no_grad():
-                pred = model(x_adv).max(dim=1)[1]
-            recs = [{"i": i, "pred": int(pred[j]), "robust": bool(pred[j] == yb[j]),
-                     "linf": float(linf[j]), "l2": float(l2[j])} for j, i in enumerate(idx)]
-            f1, b1 = model.snapshot()
-            store.write_batch(stage, b, recs, {"seconds": time.perf_counter() - t0,
-                                               "forward": f1 - f0, "backward": b1 - b0})
-            bar.update(1)
-        model.on_forward = None
+        finally:  # never leave a callback to a closed bar behind
+            model.on_forward = None
 
 
 def _liveness(bar: Any, model: PassCounter, every: float = 0.5) -> Callable[[], None]:
