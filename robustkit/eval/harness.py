@@ -50,12 +50,14 @@ def evaluate(
     dataset: str | None = None,
     data_info: dict[str, Any] | None = None,
     checkpoint_sha256: str | None = None,
+    model_info: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)``, clean and (when ``attack`` is given) under attack.
 
     Args:
         model: [0,1] NCHW images -> logits. Put in eval mode for the run (and restored after);
-            its parameters get no ``.grad`` from the attacks.
+            its parameters get no ``.grad`` from the attacks. A model that runs several networks
+            per input (an ensemble) says so with an ``number_forward_passes`` attribute.
         attack: a registered attack (see :func:`robustkit.create_attack`) or None for clean only.
         x, y: float images in [0, 1] (N, C, H, W) and int labels (N,), kept on CPU; batches
             move to ``device``.
@@ -137,6 +139,12 @@ def evaluate(
         provenance={**provenance(dev), "checkpoint_sha256": checkpoint_sha256},
         records_path=str(records_path) if records_path else None,
         warnings=run_warnings,
+        model_info={
+            "class": type(model).__name__,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "number_forward_passes": int(getattr(model, "number_forward_passes", 1)),
+            **(model_info or {}),
+        },
     )
 
 

@@ -60,6 +60,9 @@ class EvalResult:
     provenance: dict[str, Any]
     records_path: str | None = None
     warnings: list[str] = field(default_factory=list)
+    # architecture, parameter count and test-time forward passes per input: what a leaderboard
+    # entry needs and the evaluation config cannot say (absent in results written before it existed)
+    model_info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
