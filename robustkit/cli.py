@@ -29,6 +29,14 @@ data: --data-dir DIR, else $ROBUSTKIT_DATA, else ~/.cache/robustkit/data; a fold
 <dataset>/test.npz (robustkit's cache format) or torchvision's files (downloaded when online).
 """
 
+REGRESS_EXAMPLES = """\
+examples:
+  robustkit eval --model small_cnn --attack apgd-ce --n-examples 200 --out r.json
+  robustkit regress eval/baselines/small_cnn.json --from-result r.json   # make a baseline
+  robustkit regress eval/baselines/                                      # the gate (CI)
+  robustkit regress --update eval/baselines/small_cnn.json               # accept a change deliberately
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -90,11 +98,40 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=cmd_train)
 
+    rg = sub.add_parser(
+        "regress", help="re-run baselines and fail when robustness regressed (a CI gate)",
+        description="Re-run the evaluation each baseline file pins (same model, attack config, images, "
+        "seed and batch size) and compare per-example flags with the stored ones. Exit 0 when all are ok, "
+        "1 when any regressed or changed, 2 on bad input.",
+        epilog=REGRESS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rg.add_argument("paths", nargs="+", metavar="PATH",
+                    help="baseline files, or folders (every *.json in them, sorted)")
+    rg.add_argument("--update", action="store_true",
+                    help="re-run and rewrite each baseline's result (keeps its tolerance and command); "
+                    "exit 0")
+    rg.add_argument("--tolerance", choices=["auto", "exact", "paired"], default=None,
+                    help="override the baselines' mode: exact (identical flags), paired (exact McNemar test) "
+                    "or auto (exact when both runs are on CPU with the same torch, else paired)")
+    rg.add_argument("--alpha", type=float, default=None,
+                    help="override the baselines' significance level of the paired test, in (0, 1)")
+    rg.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    rg.add_argument("--data-dir", default=None,
+                    help="data root (default: $ROBUSTKIT_DATA or ~/.cache/robustkit/data)")
+    rg.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rg.add_argument("--from-result", default=None, metavar="RESULT.json",
+                    help="create the baseline file PATH from an existing result JSON (exactly one PATH)")
+    rg.set_defaults(func=cmd_regress)
+
     be = sub.add_parser("bench", help="benchmarks (overhead of the harness vs bare pyautoattack)",
                         add_help=False)
     be.add_argument("which", help="overhead")
     be.add_argument("rest", nargs=argparse.REMAINDER)
     be.set_defaults(func=cmd_bench)
+
+    from robustkit.leaderboard.cli import add_parser as add_leaderboard_parser
+
+    add_leaderboard_parser(sub)
     return parser
 
 
@@ -176,6 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         records_path=records, resume=not args.no_resume, progress=not args.no_progress,
         model_name=loaded.name, attack_name=None if attack is None else args.attack,
         dataset=dataset_name, data_info=data_info, checkpoint_sha256=loaded.checkpoint_sha256,
+        model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
     )
     result.save(out)
     print(result.summary())
@@ -201,6 +239,34 @@ def default_out(model: str, attack: str, dataset: str, n: int, seed: int) -> Pat
         return re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(s).stem if s.endswith((".safetensors", ".toml")) else s)
 
     return Path("results") / f"{clean(model)}__{clean(attack)}__{clean(dataset)}-n{n}-s{seed}.json"
+
+
+# --------------------------------------------------------------------------- regress
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    from robustkit.regress import DEFAULT_ALPHA, create_baseline, run_regress
+
+    if args.from_result is not None:
+        if len(args.paths) != 1:
+            raise ConfigError(f"--from-result needs exactly one PATH (the baseline file to write), "
+                              f"got {len(args.paths)}")
+        if args.update:
+            raise ConfigError("--from-result and --update do not combine")
+        out = Path(args.paths[0])
+        if out.is_dir():
+            raise ConfigError(f"{out} is a folder; give the baseline file to write, e.g. {out / 'name.json'}")
+        existed = out.exists()
+        alpha = args.alpha if args.alpha is not None else DEFAULT_ALPHA
+        baseline = create_baseline(args.from_result, out, alpha=alpha, mode=args.tolerance or "auto")
+        r = baseline.result
+        print(f"{'replaced' if existed else 'wrote'} baseline {out}: {r.model} | {r.attack} | {r.dataset} "
+              f"n={r.n_examples} | clean {100 * r.clean_accuracy:.2f}% | robust "
+              f"{100 * (r.robust_accuracy or 0.0):.2f}% | tolerance {baseline.mode}, "
+              f"alpha {baseline.alpha:g}")
+        return 0
+    return run_regress(args.paths, update=args.update, tolerance=args.tolerance, alpha=args.alpha,
+                       device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
 
 
 # --------------------------------------------------------------------------- list / train / bench

@@ -96,6 +96,57 @@ def create_attack(
         raise ConfigError(f"bad parameters for attack {name!r}: {e}") from None
 
 
+def attack_from_config(config: dict[str, Any]) -> Attack:
+    """Rebuild an attack from the ``attack_config`` a result recorded (``Attack.config()``).
+
+    A regression re-run must use the protocol the baseline was measured with, not whatever the
+    preset of the same name says today, so this reads only the recorded config (which holds the
+    norm, eps and every hyperparameter) and checks the rebuilt attack reports the same config.
+    ``implementation`` (the pyautoattack version) is not a parameter and may differ.
+    """
+    if not isinstance(config, dict):
+        raise ConfigError(f"attack config must be a JSON object, got {type(config).__name__}")
+    missing = [k for k in ("name", "norm", "eps") if k not in config]
+    if missing:
+        raise ConfigError(f"attack config lacks {', '.join(missing)}")
+    kind = config["name"]
+    threat = ThreatModel.create(config["norm"], config["eps"])
+    params = {k: v for k, v in config.items() if k not in ("name", "norm", "eps", "implementation")}
+    try:
+        if isinstance(kind, str) and kind.startswith("foolbox:"):
+            attack = _foolbox_from_config(threat, params)
+        elif kind == "autoattack":
+            version = params.get("version", "standard")
+            attack = AutoAttack(threat, version=version, overrides=params.get("overrides"),
+                                attacks=params.get("stages") if version == "custom" else None)
+        elif kind in KINDS:
+            attack = KINDS[kind](threat, **params)
+        else:
+            raise UnknownNameError("attack kind", str(kind), [*KINDS, "foolbox:<AttackName>"])
+    except TypeError as e:
+        raise ConfigError(f"attack config for {kind!r} does not fit the attack: {e}") from None
+    rebuilt = {k: v for k, v in attack.config().items() if k != "implementation"}
+    recorded = {k: v for k, v in config.items() if k != "implementation"}
+    if rebuilt != recorded:
+        diff = sorted(k for k in rebuilt.keys() | recorded.keys() if rebuilt.get(k) != recorded.get(k))
+        raise ConfigError(f"attack config for {kind!r} does not round-trip (differs in {', '.join(diff)})")
+    return attack
+
+
+def _foolbox_from_config(threat: ThreatModel, params: dict[str, Any]) -> Attack:
+    """foolbox configs list every constructor argument, some as repr() strings; pass back only
+    those that differ from the defaults (the config check then catches anything lost)."""
+    from robustkit.attacks.foolbox_adapter import FoolboxAttack
+
+    name = params.get("attack_name")
+    if not isinstance(name, str):
+        raise ConfigError("foolbox attack config lacks attack_name")
+    defaults = FoolboxAttack(threat, attack_name=name).config()["attack_kwargs"]
+    recorded = params.get("attack_kwargs") or {}
+    return FoolboxAttack(threat, attack_name=name,
+                         **{k: v for k, v in recorded.items() if defaults.get(k) != v})
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():
@@ -109,6 +160,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 _register_builtin()
 
 __all__ = [
-    "ATTACKS", "Attack", "AutoAttack", "FGSM", "PGD", "create_attack", "list_attacks",
+    "ATTACKS", "Attack", "AutoAttack", "FGSM", "PGD", "attack_from_config", "create_attack", "list_attacks",
     "perturbation_norms", "project", "read_preset",
 ]

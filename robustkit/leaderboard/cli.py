@@ -7,7 +7,6 @@ Exit codes: 0 fine; 1 an entry is invalid or a committed page is out of date (wh
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -173,7 +172,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"robustkit: error: {len(invalid)} invalid entr{'y' if len(invalid) == 1 else 'ies'}; "
               "nothing rendered", file=sys.stderr)
         return 1
-    labels = [_label(s, out_dir) for s in sources]
+    labels = [_label(s) for s in sources]
     grouped = boards(entries)
     files = {out_dir / "README.md": render_markdown(grouped, sources=labels),
              out_dir / "index.html": render_html(grouped, sources=labels, highlight=highlight)}
@@ -194,12 +193,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label(source: str, out_dir: Path) -> str:
-    """A path as shown on the page: relative to the page's folder, so output does not depend on cwd."""
-    try:
-        return os.path.relpath(Path(source).resolve(), out_dir.resolve()).replace(os.sep, "/")
-    except ValueError:  # another drive on Windows
-        return Path(source).as_posix()
+def _label(source: str) -> str:
+    """A source as the user named it (CI and the committed build run from the repository root)."""
+    return Path(source).as_posix()
 
 
 # --------------------------------------------------------------------------- submit

@@ -149,7 +149,8 @@ def render_html(boards: dict[tuple[str, str], list[Entry]], *, sources: list[str
         parts.append(f'<table class="board" id="t-{tid}"><thead><tr>')
         for i, c in enumerate(cols):
             kind = "num" if i in (0,) or "accuracy" in c else "text"
-            parts.append(f'<th data-col="{i}" data-kind="{kind}" tabindex="0">{html.escape(c)}</th>')
+            cls = ' class="num"' if kind == "num" else ""
+            parts.append(f'<th{cls} data-col="{i}" data-kind="{kind}" tabindex="0">{html.escape(c)}</th>')
         parts.append("</tr></thead><tbody>")
         for r, e in enumerate(entries, start=1):
             cells = row_values(e, r)
@@ -258,7 +259,8 @@ header p{max-width:70em;color:#444}
 h2{margin-top:2em;font-size:1.25em}h2 small{font-weight:normal;color:#666;font-size:.75em;margin-left:.5em}
 table.board{border-collapse:collapse;width:100%;font-size:14px}
 .board th,.board td{border-bottom:1px solid #e1e4e8;padding:6px 8px;text-align:left;vertical-align:top}
-.board th{background:#f6f8fa;cursor:pointer;user-select:none;white-space:nowrap;position:sticky;top:0}
+.board th{background:#f6f8fa;cursor:pointer;user-select:none;position:sticky;top:0;font-size:13px;vertical-align:bottom}
+.board th.num{text-align:right;max-width:7.5em}.board td:nth-child(2){min-width:26em;width:38%}
 .board th:hover{background:#eaeef2}
 .board th[aria-sort=ascending]::after{content:" \\25B2";font-size:.7em}
 .board th[aria-sort=descending]::after{content:" \\25BC";font-size:.7em}
