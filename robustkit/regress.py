@@ -388,13 +388,16 @@ def compare(baseline: Baseline, now: EvalResult, *, mode: str | None = None,
     cmp.clean_lost, cmp.clean_gained = _discordant(before.clean_flags, now.clean_flags)
 
     if chosen == "exact":
-        if cmp.lost:
+        if cmp.lost or cmp.clean_lost:
             cmp.verdict = REGRESSION
-            cmp.reason = f"{cmp.lost} example(s) robust in the baseline are broken now"
-        elif cmp.gained or cmp.clean_lost or cmp.clean_gained:
+            cmp.reason = "; ".join(
+                f"{k} example(s) {what} in the baseline are {now_} now"
+                for k, what, now_ in ((cmp.lost, "robust", "broken"), (cmp.clean_lost, "correct", "misclassified"))
+                if k)
+        elif cmp.gained or cmp.clean_gained:
             cmp.verdict = CHANGED
             cmp.reason = ("per-example results moved where they reproduce exactly "
-                          f"(robust +{cmp.gained}, clean -{cmp.clean_lost}/+{cmp.clean_gained})")
+                          f"(robust +{cmp.gained}, clean +{cmp.clean_gained})")
         return cmp
 
     cmp.p_robust = mcnemar_p_value(cmp.lost, cmp.gained)

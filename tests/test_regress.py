@@ -240,3 +240,14 @@ def test_unknown_model(capsys, baseline):
 
 def test_bad_alpha_option(capsys, baseline):
     assert_error(*run_main(capsys, "regress", baseline, "--alpha", "0")[::2], "--alpha")
+
+
+def test_exact_clean_loss_is_a_regression(capsys, baseline):
+    def claim_one_more_correct(d):  # the baseline says one more example was classified correctly
+        r = d["result"]
+        i = r["clean_flags"].index("0")
+        r["clean_flags"] = r["clean_flags"][:i] + "1" + r["clean_flags"][i + 1:]
+    edit(baseline, claim_one_more_correct)
+    code, out, _ = run_main(capsys, "regress", baseline, "--no-progress")
+    assert code == 1
+    assert "REGRESSION" in out and "1 example(s) correct in the baseline are misclassified now" in out
