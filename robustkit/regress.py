@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from robustkit.errors import ConfigError, RobustkitError
-from robustkit.eval.results import RESULT_SCHEMA, RESULT_SCHEMA_VERSION, EvalResult, StageResult
+from robustkit.eval.results import (
+    RESULT_SCHEMA,
+    RESULT_SCHEMA_VERSION,
+    EvalResult,
+    StageResult,
+    write_json_atomic,
+)
 
 BASELINE_SCHEMA = "robustkit.baseline"
 BASELINE_SCHEMA_VERSION = 1
@@ -71,14 +75,7 @@ class Baseline:
 
     def save(self, path: str | Path | None = None) -> Path:
         """Write atomically (temp file + rename): a baseline is a reviewed file, never half-written."""
-        p = Path(path) if path is not None else self.path
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
-        return p
+        return write_json_atomic(path if path is not None else self.path, self.to_dict())
 
 
 # --------------------------------------------------------------------------- files

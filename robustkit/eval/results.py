@@ -72,15 +72,8 @@ class EvalResult:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file + rename) so a kill never leaves half a JSON."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, p)
-        return p
+        """Write atomically so a kill never leaves half a JSON."""
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
@@ -122,6 +115,21 @@ class EvalResult:
             tail += f"\nrobust accuracy {100 * self.robust_accuracy:6.2f}%"
         tail += f"   ({_fmt_seconds(self.timing['total_seconds'])} on {self.provenance.get('device')})"
         return "\n".join([head, "", *lines, "", tail])
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """JSON to a temp file in the same folder, then rename: readers see the old file or the new one."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result is for sharing, like any new file
+    os.replace(tmp, p)
+    return p
 
 
 def _fmt_seconds(s: float) -> str:
