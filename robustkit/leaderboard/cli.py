@@ -188,7 +188,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     for p, text in files.items():
         changed = write_if_changed(p, text)
         print(f"{'wrote' if changed else 'unchanged'} {p}")
-    print(f"{len(entries)} entries on {len(grouped)} leaderboard(s): "
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} on {len(grouped)} leaderboard(s): "
           + ", ".join(f"{d}/{t} ({len(v)})" for (d, t), v in grouped.items()))
     return 0
 
