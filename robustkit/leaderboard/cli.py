@@ -183,7 +183,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         if stale:
             print("robustkit: run `robustkit leaderboard build` and commit the result", file=sys.stderr)
             return 1
-        print(f"up to date: {', '.join(str(p) for p in files)} ({len(entries)} entries)")
+        print(f"up to date: {', '.join(str(p) for p in files)} ({len(entries)} entr{'y' if len(entries) == 1 else 'ies'})")
         return 0
     for p, text in files.items():
         changed = write_if_changed(p, text)
