@@ -156,21 +156,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from robustkit.attacks import create_attack
     from robustkit.data import DataError, dataset_info, load_array_file, load_split
     from robustkit.eval import evaluate
     from robustkit.models import load_model
-    from robustkit.provenance import resolve_device
+    from robustkit.provenance import require_device
 
     if args.n_examples is not None and args.n_examples < 1:
         raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = resolve_device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {args.device}: CUDA is not available on this machine")
+    device = require_device(args.device)
     model_kwargs: dict[str, Any] = {}
     if args.model.startswith("rb:"):
         model_kwargs = {"dataset": args.dataset or "cifar10", "threat_model": args.norm,

@@ -54,6 +54,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def require_device(device: str | torch.device | None) -> torch.device:
+    """:func:`resolve_device`, refusing CUDA on a machine without it (bad input, not a crash)."""
+    from robustkit.errors import ConfigError
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
 def describe_device(device: torch.device) -> str:
     """Human-readable device, e.g. ``cuda:0 (NVIDIA H200)`` or ``cpu (2 threads)``."""
     if device.type == "cuda":

@@ -32,6 +32,7 @@ from robustkit.eval.results import (
     StageResult,
     write_json_atomic,
 )
+from robustkit.provenance import require_device
 
 BASELINE_SCHEMA = "robustkit.baseline"
 BASELINE_SCHEMA_VERSION = 1
@@ -426,11 +427,12 @@ def rerun(baseline: Baseline, *, device: str = "auto", data_dir: str | Path | No
     from robustkit.attacks import attack_from_config
     from robustkit.data import load_array_file, load_split
     from robustkit.eval import evaluate
+    from robustkit.eval.harness import tensor_fingerprint
     from robustkit.models import load_model
 
     r = baseline.result
     notes: list[str] = []
-    dev = _check_device(device)
+    dev = require_device(device)
 
     data_info: dict[str, Any]
     if r.data.get("split") == "file":
@@ -440,7 +442,7 @@ def rerun(baseline: Baseline, *, device: str = "auto", data_dir: str | Path | No
             raise ConfigError(f"{source} holds {len(y)} examples, the baseline used {r.n_examples}")
         x, y = x[: r.n_examples], y[: r.n_examples]
         data_info = {k: v for k, v in r.data.items() if k != "fingerprint"}
-        fingerprint = _fingerprint(x, y)
+        fingerprint = tensor_fingerprint(x, y)
     else:
         split = load_split(str(r.dataset), "test", data_dir=data_dir)
         x, y = split.tensors(r.n_examples)
@@ -480,30 +482,6 @@ def rerun(baseline: Baseline, *, device: str = "auto", data_dir: str | Path | No
         model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
     )
     return result, notes
-
-
-def _check_device(device: str) -> Any:
-    """The torch device ``--device`` names; CUDA on a machine without it is bad input, not a crash."""
-    import torch
-
-    from robustkit.provenance import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
-    return dev
-
-
-def _fingerprint(x: Any, y: Any) -> str:
-    """The harness's fingerprint of in-memory data (float32 NCHW bytes, then int64 labels)."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- report
@@ -579,7 +557,7 @@ def run_regress(
     if alpha is not None:
         if not 0 < alpha < 1:  # also refuses nan
             raise ConfigError(f"--alpha must be in (0, 1), got {alpha}")
-    _check_device(device)
+    require_device(device)
     baselines = [load_baseline(p) for p in collect_baseline_paths(paths)]
     rows: list[Comparison] = []
     notes: list[str] = []

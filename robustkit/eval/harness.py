@@ -76,7 +76,7 @@ def evaluate(
         "attack": attack_name or (attack.name if attack else None),
         "attack_config": attack.config() if attack else None,
         "dataset": dataset,
-        "data_fingerprint": (data_info or {}).get("fingerprint") or _fingerprint(x, y),
+        "data_fingerprint": (data_info or {}).get("fingerprint") or tensor_fingerprint(x, y),
         "n_examples": n,
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -383,7 +383,8 @@ def _bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
         bar.close()
 
 
-def _fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+def tensor_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha256 of the images (float32 NCHW bytes) then the labels (int64): same data, same hash."""
     h = hashlib.sha256()
     h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
