@@ -526,10 +526,10 @@ def format_table(rows: list[Comparison]) -> str:
 def explain(c: Comparison) -> str:
     """What failed and what to do about it, for one failing baseline."""
     if c.verdict == MISMATCH:
-        todo = f"make a new baseline with `robustkit regress {c.path} --from-result RESULT.json`"
+        next_step = f"make a new baseline with `robustkit regress {c.path} --from-result RESULT.json`"
     else:
-        todo = f"if this is intended, accept it deliberately: `robustkit regress --update {c.path}`"
-    return f"{c.id}: {c.verdict} ({c.mode}: {c.mode_reason}): {c.reason}; {todo}"
+        next_step = f"if this is intended, accept it deliberately: `robustkit regress --update {c.path}`"
+    return f"{c.id}: {c.verdict} ({c.mode}: {c.mode_reason}): {c.reason}; {next_step}"
 
 
 # --------------------------------------------------------------------------- command
