@@ -2,10 +2,14 @@
 
 Everything an evaluation reads passes through :class:`ArraySplit`: uint8 N x H x W x C images,
 int64 labels and each example's index in the official split. The on-disk cache
-``<root>/<dataset>/{train,test}.npz`` has exactly that layout, so a folder of partial datasets
+``<root>/<dataset>/<split>.npz`` has exactly that layout, so a folder of partial datasets
 (only the first images of a split) is as usable as a complete one, and a result can say which
 official images it saw. Evaluations take the first ``n`` examples in order, the RobustBench
 convention, so numbers are comparable across tools without shuffling seeds.
+
+CINIC-10 is not in torchvision: its cache is built from the official ImageFolder tree of PNGs
+(extracted from the published archive, downloaded when allowed) and keeps each image's
+provenance (CIFAR-10 or ImageNet), so either part can be evaluated on its own.
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
+import sys
+import tarfile
 import tempfile
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +70,20 @@ class ArraySplit:
     labels: np.ndarray  # int64 N
     indices: np.ndarray  # int64 N, index into the official split
     source: str
+    subset: str | None = None  # e.g. "imagenet" for CINIC-10's ImageNet part; None = the whole split
+    # Per-example arrays beyond the three above, aligned with them (CINIC-10: "source", 0 = CIFAR-10,
+    # 1 = ImageNet; "filenames"; "duplicate", True for an exact copy of an earlier image of its class).
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def n_duplicates(self) -> int | None:
+        """How many images repeat an earlier one of the same class exactly (CINIC-10 has some, and
+        they inflate accuracy a little); None when the dataset records no such check."""
+        dup = self.extra.get("duplicate")
+        return None if dup is None else int(np.count_nonzero(dup))
 
     def _check_n(self, n: int | None) -> int:
         if n is None:
@@ -126,6 +146,7 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
 SYNTHETIC_SIZES = {"train": 2000, "test": 512}
+CINIC10_URL = "https://datashare.is.ed.ac.uk/bitstream/handle/10283/3192/CINIC-10.tar.gz"
 
 
 def _register(info: DatasetInfo, **meta: Any) -> None:
@@ -151,6 +172,15 @@ _register(
     DatasetInfo("fashion_mnist", 10, (1, 28, 28), (0.2860,), (0.3530,), FASHION_MNIST_CLASSES,
                 "Fashion-MNIST: 28x28 greyscale clothing images"),
     torchvision="FashionMNIST", torchvision_dir="FashionMNIST/raw", sizes={"train": 60000, "test": 10000},
+)
+_register(
+    DatasetInfo("cinic10", 10, (3, 32, 32), (0.47889522, 0.47227842, 0.43047404),
+                (0.24205776, 0.23828046, 0.25874835), CIFAR10_CLASSES,
+                "CINIC-10: CIFAR-10's classes, 32x32 images from CIFAR-10 and downsampled ImageNet"),
+    # the class folders sort alphabetically, which is CIFAR-10's label order
+    image_folders=("cinic10", "CINIC-10"), url=CINIC10_URL, archive="CINIC-10.tar.gz", archive_size="656 MB",
+    subsets={"cifar": 0, "imagenet": 1}, subset_by_filename=((r"cifar10-", 0), (r"n\d{8}_", 1)),
+    sizes={"train": 90000, "valid": 90000, "test": 90000},
 )
 _register(
     DatasetInfo("synthetic", 10, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
@@ -192,25 +222,46 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 def load_split(
-    name: str, split: str = "test", *, data_dir: str | Path | None = None, download: bool = True
+    name: str,
+    split: str = "test",
+    *,
+    data_dir: str | Path | None = None,
+    download: bool = True,
+    subset: str | None = None,
+    progress: bool = True,
 ) -> ArraySplit:
-    """Load one split: the robustkit cache, else torchvision's files (cached on success), else one
-    :class:`DataError` naming every path tried and how to fix it."""
+    """Load one split: the robustkit cache, else the dataset's raw files (torchvision's, or an image
+    folder tree; cached on success), else one :class:`DataError` naming every path tried and how to
+    fix it. ``subset`` keeps one part of a mixed dataset (CINIC-10: "cifar" or "imagenet") with its
+    official indices; ``progress`` shows bars (on a terminal only) while a slow conversion runs."""
     entry = DATASETS.get(name)
     info: DatasetInfo = entry.factory()
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r} for {info.name}; use 'train' or 'test'")
+    sizes: dict[str, int] = entry.meta["sizes"]
+    if split not in sizes:
+        raise ConfigError(f"unknown split {split!r} for {info.name}; use {_or_list(sizes)}")
+    _check_subset(info.name, subset, entry.meta.get("subsets", {}))
     if entry.meta.get("synthetic"):
         return _synthetic_split(split)
 
     root = resolve_data_dir(data_dir)
     cache = root / info.name / f"{split}.npz"
     if cache.is_file():
-        return _read_cache(cache, info, split, entry.meta["sizes"][split])
+        loaded = _read_cache(cache, info, split, sizes[split])
+    elif "image_folders" in entry.meta:
+        loaded = _load_image_folder(info, split, root, cache, download, progress, entry.meta)
+    else:
+        loaded = _load_torchvision(info, split, root, cache, download, entry.meta)
+    if subset is None:
+        return loaded
+    return _select_subset(loaded, subset, entry.meta["subsets"][subset])
 
-    tv_dir = root / entry.meta["torchvision_dir"]
+
+def _load_torchvision(
+    info: DatasetInfo, split: str, root: Path, cache: Path, download: bool, meta: dict[str, Any]
+) -> ArraySplit:
+    tv_dir = root / meta["torchvision_dir"]
     root_existed = root.exists()  # before torchvision's download creates it
-    loaded, reason = _from_torchvision(info, split, root, download, entry.meta)
+    loaded, reason = _from_torchvision(info, split, root, download, meta)
     if loaded is not None:
         _write_cache(cache, loaded)
         return loaded
@@ -220,7 +271,39 @@ def load_split(
     raise DataError(
         f"no {info.name} {split} data{where}: tried {cache} (not found) and torchvision's {tv_dir} "
         f"({reason}); set {ENV_VAR} or --data-dir to a folder containing {info.name}/{split}.npz "
-        f"(robustkit cache format) or torchvision's {entry.meta['torchvision_dir']}{hint}"
+        f"(robustkit cache format) or torchvision's {meta['torchvision_dir']}{hint}"
+    )
+
+
+def _or_list(names: Mapping[str, Any]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def _check_subset(dataset: str, subset: str | None, subsets: Mapping[str, int]) -> None:
+    """Reject a subset before any data is read: a typo should not cost a 90k-image conversion."""
+    if subset is None:
+        return
+    if not subsets:
+        having = [f"{e.name} ({', '.join(e.meta['subsets'])})" for e in DATASETS if e.meta.get("subsets")]
+        raise ConfigError(f"{dataset} has no subsets (asked for {subset!r}); datasets with subsets: "
+                          f"{', '.join(having) or 'none'}")
+    if subset not in subsets:
+        raise ConfigError(f"unknown subset {subset!r} for {dataset}; use {_or_list(subsets)}")
+
+
+def _select_subset(split: ArraySplit, subset: str, code: int) -> ArraySplit:
+    """The examples of one provenance, in stored order, with their official indices."""
+    origin = split.extra.get("source")
+    if origin is None:
+        raise DataError(f"{split.source}: has no per-image 'source' array, so its {subset} part cannot be "
+                        "told apart; delete it to rebuild it from the image folders")
+    keep = origin == code
+    if not keep.any():
+        raise DataError(f"{split.source}: no {subset} images in {split.dataset} {split.split}")
+    return ArraySplit(
+        split.dataset, split.split, split.images[keep], split.labels[keep], split.indices[keep],
+        split.source, subset, {k: v[keep] for k, v in split.extra.items()},
     )
 
 
@@ -231,13 +314,15 @@ def load_examples(
     split: str = "test",
     data_dir: str | Path | None = None,
     download: bool = True,
+    subset: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, ArraySplit]:
     """First ``n`` examples of a split as tensors, plus the split (for its source and fingerprint)."""
-    loaded = load_split(name, split, data_dir=data_dir, download=download)
+    loaded = load_split(name, split, data_dir=data_dir, download=download, subset=subset)
     x, y = loaded.tensors(n)
     return x, y, loaded
 
 
+PER_EXAMPLE_EXTRAS = ("source", "filenames", "duplicate")  # optional cache arrays kept on ArraySplit.extra
 _CACHE_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
@@ -283,7 +368,11 @@ def _validate(
         all_labels = arrays["all_labels"]
         if all_labels.shape != (official_size,) or not np.array_equal(all_labels[indices], labels):
             raise DataError(f"{source}: labels disagree with all_labels[indices]")
-    return ArraySplit(info.name, split, images, labels, indices, source)
+    extra = {k: arrays[k] for k in PER_EXAMPLE_EXTRAS if k in arrays}
+    for key, arr in extra.items():
+        if arr.shape != (n,):
+            raise DataError(f"{source}: {key} has shape {arr.shape}, expected ({n},) like the images")
+    return ArraySplit(info.name, split, images, labels, indices, source, extra=extra)
 
 
 def _torchvision_class(name: str) -> Any:
@@ -329,7 +418,8 @@ def _write_cache(path: Path, split: ArraySplit) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, images=split.images, labels=split.labels, indices=split.indices)
+            np.savez_compressed(f, images=split.images, labels=split.labels, indices=split.indices,
+                                **split.extra)
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -346,6 +436,179 @@ def _write_cache(path: Path, split: ArraySplit) -> None:
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = re.sub(r"\s+", " ", str(e)).strip() or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- image folders (CINIC-10)
+
+
+def _load_image_folder(
+    info: DatasetInfo, split: str, root: Path, cache: Path, download: bool, progress: bool,
+    meta: dict[str, Any],
+) -> ArraySplit:
+    """Convert ``<folder>/<split>/<class>/*.png`` into the cache; with no tree, extract the archive
+    first (a local copy, else a download when allowed)."""
+    folders = [root / name for name in meta["image_folders"]]
+    archive = root / info.name / meta["archive"]
+    tree = _find_tree(folders, split)
+    root_existed = root.exists()  # before a download creates it
+    reason = "not found" if download or archive.is_file() else "not found; downloading disabled"
+    if tree is None and (archive.is_file() or download):
+        try:
+            if not archive.is_file():
+                _download(meta["url"], archive, progress)
+            _extract(archive, folders[0], progress)
+        except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
+            what = "extraction failed (delete the archive to download it again)" if archive.is_file() \
+                else "download failed"
+            reason = f"{what}: {type(e).__name__}: {_one_line(e)}"
+        else:
+            reason = f"extracted, but it holds no {split}/ folder"
+        tree = _find_tree(folders, split)
+    if tree is None:
+        tried = " and ".join(str(f / split) for f in folders)
+        where = "" if root_existed else f" (data dir {root} does not exist)"
+        hint = "" if download else ", or allow downloading (drop --no-download / download=False)"
+        raise DataError(
+            f"no {info.name} {split} data{where}: tried {cache} (not found), the image folders {tried} "
+            f"(not found) and the archive {archive} ({reason}); download {meta['url']} "
+            f"({meta['archive_size']}) by hand and put it at {archive} (robustkit extracts it), or extract "
+            f"it yourself so that {folders[0] / split / info.classes[0]}/*.png exists; {ENV_VAR} or "
+            f"--data-dir choose the data dir{hint}"
+        )
+    loaded = _convert_image_folder(tree / split, info, split, meta, progress)
+    _write_cache(cache, loaded)
+    return loaded
+
+
+def _find_tree(folders: list[Path], split: str) -> Path | None:
+    return next((f for f in folders if (f / split).is_dir()), None)
+
+
+@contextmanager
+def _bar(desc: str, unit: str, enabled: bool, total: int | None = None, **kw: Any) -> Iterator[Any]:
+    """A tqdm bar on stderr; disable=None hides it when stderr is not a terminal (logs, CI)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, file=sys.stderr,
+               dynamic_ncols=True, **kw)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _download(url: str, dest: Path, progress: bool) -> None:
+    """Stream ``url`` to ``dest`` through a ``.part`` file, so an interrupted download never passes
+    for the archive."""
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as f:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with _bar(f"download {dest.name}", "B", progress, total, unit_scale=True) as bar:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _extract(archive: Path, dest: Path, progress: bool) -> None:
+    """Extract a tar archive into ``dest``, refusing members that could land outside it (absolute
+    paths, ``..``, links, devices). It unpacks into a temporary folder and moves the top-level
+    entries in at the end, so an interrupted run never leaves a half tree that passes for the data."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".extract-"))
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+    try:
+        with tarfile.open(archive) as tar, _bar(f"extract {archive.name}", "file", progress) as bar:
+            for member in tar:
+                absolute = member.name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", member.name)
+                dotdot = ".." in re.split(r"[\\/]+", member.name)
+                if absolute or dotdot or not (member.isfile() or member.isdir()):
+                    raise DataError(f"{archive}: refusing to extract {member.name!r} (an absolute path, "
+                                    "'..' or a link); this is not the published archive, delete it and "
+                                    "download again")
+                tar.extract(member, tmp, **safe)
+                bar.update(1)
+        for top in sorted(tmp.iterdir()):
+            if not (dest / top.name).exists():
+                os.replace(top, dest / top.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_image_folder(base: Path, info: DatasetInfo, split: str, meta: dict[str, Any],
+                          progress: bool) -> ArraySplit:
+    """Read ``base/<class>/*.png`` into cache arrays, with each image's provenance and filename.
+
+    Files are read in ImageFolder order (class, then filename), and ``indices`` are positions in
+    that order. Rows are stored sorted by a hash of ``<class>/<filename>`` instead: evaluations
+    take the first n rows, and in ImageFolder order those would be one class from one source.
+    The hash, unlike a seeded shuffle, cannot change with a numpy version.
+    """
+    from PIL import Image
+
+    official_size: int = meta["sizes"][split]
+    missing = [c for c in info.classes if not (base / c).is_dir()]
+    if missing:
+        found = sorted(p.name for p in base.iterdir() if p.is_dir())
+        raise DataError(f"{base}: class folder(s) {', '.join(missing)} missing "
+                        f"(found: {', '.join(found) or 'none'}); {info.name} needs one folder per class: "
+                        f"{', '.join(info.classes)}")
+    files: list[tuple[int, Path]] = []
+    for label, name in enumerate(info.classes):
+        pngs = sorted((base / name).glob("*.png"), key=lambda p: p.name)
+        if not pngs:
+            raise DataError(f"{base / name}: no .png images in this class folder")
+        files += [(label, p) for p in pngs]
+    n = len(files)
+    if n > official_size:
+        raise DataError(f"{base}: {n} images, more than the {official_size} of the official {info.name} "
+                        f"{split} split; is this the right folder?")
+
+    rules = [(re.compile(pattern), code) for pattern, code in meta["subset_by_filename"]]
+    c, h, w = info.shape
+    images = np.empty((n, h, w, c), np.uint8)
+    origin = np.empty(n, np.uint8)
+    duplicate = np.zeros(n, bool)
+    seen: list[set[bytes]] = [set() for _ in info.classes]
+    with _bar(f"{info.name} {split}", "img", progress, n) as bar:
+        for i, (label, path) in enumerate(files):
+            code = next((code for rx, code in rules if rx.match(path.name)), None)
+            if code is None:
+                raise DataError(f"{path}: cannot tell where this image comes from; {info.name} names images "
+                                "cifar10-<split>-<i>.png (CIFAR-10) or <synset>_<n>.png (ImageNet)")
+            try:
+                with Image.open(path) as im:
+                    pixels = np.asarray(im.convert("RGB"))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                raise DataError(f"{path}: unreadable image ({_one_line(e)})") from e
+            if pixels.shape != (h, w, c):
+                raise DataError(f"{path}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected {w}x{h}")
+            images[i], origin[i] = pixels, code
+            digest = hashlib.sha256(pixels.tobytes()).digest()
+            duplicate[i] = digest in seen[label]
+            seen[label].add(digest)
+            bar.update(1)
+
+    order = np.array(sorted(range(n), key=lambda i: hashlib.sha256(
+        f"{info.classes[files[i][0]]}/{files[i][1].name}".encode()).digest()), dtype=np.int64)
+    labels = np.array([label for label, _ in files], dtype=np.int64)
+    names = np.array([p.name for _, p in files], dtype=str)
+    arrays = {"images": images[order], "labels": labels[order], "indices": order, "source": origin[order],
+              "filenames": names[order], "duplicate": duplicate[order]}
+    if n < official_size:
+        warnings.warn(f"{base}: {n} images where the official {split} split has {official_size}; "
+                      "indices are positions in this partial tree", stacklevel=4)
+    if duplicate.any():
+        warnings.warn(f"{base}: {int(duplicate.sum())} image(s) exactly repeat an earlier image of the same "
+                      f"class (a known {info.name} issue); kept, and marked in the cache's 'duplicate' array "
+                      "(ArraySplit.n_duplicates)", stacklevel=4)
+    return _validate(arrays, info, split, official_size, str(base))
 
 
 # --------------------------------------------------------------------------- synthetic

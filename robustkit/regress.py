@@ -214,6 +214,8 @@ def eval_command(r: EvalResult) -> str:
     eps = r.to_dict()["eps_str"]
     data = (["--data-file", str(r.data.get("source"))] if r.data.get("split") == "file"
             else ["--dataset", str(r.dataset)])
+    if r.data.get("subset"):
+        data += ["--subset", str(r.data["subset"])]
     parts = ["robustkit", "eval", "--model", r.model, "--attack", str(r.attack), "--norm", str(r.norm),
              "--eps", str(eps), *data, "--n-examples", str(r.n_examples),
              "--batch-size", str(r.batch_size), "--seed", str(r.seed)]
@@ -444,11 +446,13 @@ def rerun(baseline: Baseline, *, device: str = "auto", data_dir: str | Path | No
         data_info = {k: v for k, v in r.data.items() if k != "fingerprint"}
         fingerprint = tensor_fingerprint(x, y)
     else:
-        split = load_split(str(r.dataset), "test", data_dir=data_dir)
+        split = load_split(str(r.dataset), "test", data_dir=data_dir, subset=r.data.get("subset"))
         x, y = split.tensors(r.n_examples)
         fingerprint = split.fingerprint(r.n_examples)
         data_info = {"source": split.source, "split": "test", "n_available": len(split),
                      "indices": "first-n", "fingerprint": fingerprint}
+        if split.subset:
+            data_info["subset"] = split.subset
     stored = r.data.get("fingerprint")
     if stored and stored != fingerprint:
         raise ConfigError(

@@ -22,6 +22,8 @@ DEFAULT_EPS: dict[tuple[str, str], str] = {
     ("cifar10", "L2"): "0.5",
     ("cifar100", "Linf"): "8/255",
     ("cifar100", "L2"): "0.5",
+    ("cinic10", "Linf"): "8/255",  # CIFAR-10's classes and image size, so CIFAR-10's budgets
+    ("cinic10", "L2"): "0.5",
     ("mnist", "Linf"): "0.3",
     ("mnist", "L2"): "2.0",
     ("fashion_mnist", "Linf"): "0.1",

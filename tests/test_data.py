@@ -117,7 +117,7 @@ def test_unknown_split() -> None:
 
 
 def test_registry_and_stats() -> None:
-    assert list_datasets() == ["cifar10", "cifar100", "fashion_mnist", "mnist", "synthetic"]
+    assert list_datasets() == ["cifar10", "cifar100", "cinic10", "fashion_mnist", "mnist", "synthetic"]
     c10 = dataset_info("cifar10")
     assert c10.shape == (3, 32, 32) and c10.mean == (0.4914, 0.4822, 0.4465) and c10.classes[0] == "airplane"
     assert dataset_info("MNIST").std == (0.3081,) and dataset_info("fashion_mnist").classes[-1] == "Ankle boot"
