@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTKIT_DATA or ~/.cache/robustkit/data)")
     ev.add_argument("--data-file", default=None,
                     help="evaluate on your own .npz (images uint8 NHWC or float in [0,1], labels)")
+    ev.add_argument("--subset", choices=["cifar", "imagenet"], default=None,
+                    help="CINIC-10 only: evaluate on the CIFAR-10 or the ImageNet part, to measure the shift "
+                    "between them")
     ev.add_argument("--no-download", action="store_true", help="never try to download data or weights")
     ev.add_argument("--n-examples", type=int, default=None,
                     help="first N test examples (default: 1000, or all if fewer)")
@@ -88,13 +91,45 @@ def build_parser() -> argparse.ArgumentParser:
                     "$ROBUSTKIT_RB_MODEL_DIR or ~/.cache/robustkit/robustbench)")
     ev.set_defaults(func=cmd_eval)
 
+    cv = sub.add_parser(
+        "curve", help="accuracy vs eps (a robustness curve), JSON + PNG, with a monotonicity check",
+        description="Evaluate the attack at every eps of a grid on the same first N test examples "
+        "(clean pass once). Accuracy must not rise with eps; where it does, or an example broken at a "
+        "smaller eps survives a larger one, the attack failed: that is flagged and the monotone envelope "
+        "(the honest upper bound) is reported next to the measured curve.",
+        epilog="examples:\n  robustkit curve --model small_cnn --attack pgd --eps 0:16/255:2/255\n"
+        "  robustkit curve --model small_cnn --attack apgd-ce --eps 0,2/255,4/255,8/255 --n-examples 200\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cv.add_argument("--model", required=True, help="as for eval: registered id, rb:<Name> or a checkpoint")
+    cv.add_argument("--attack", default="autoattack", help="as for eval, except 'none' (default: autoattack)")
+    cv.add_argument("--eps", required=True, metavar="SPEC",
+                    help="start:stop:step (stop inclusive), e.g. 0:8/255:1/255, or a list, e.g. 0,2/255,4/255")
+    cv.add_argument("--norm", default="Linf", help="threat norm: Linf or L2 (default: Linf)")
+    cv.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an attack parameter (repeatable), e.g. steps=50")
+    cv.add_argument("--dataset", default=None, help="dataset name (default: the one the model was trained on)")
+    cv.add_argument("--data-dir", default=None, help="data root (as for eval)")
+    cv.add_argument("--data-file", default=None, help="your own .npz (as for eval)")
+    cv.add_argument("--no-download", action="store_true", help="never try to download data or weights")
+    cv.add_argument("--rb-model-dir", default=None, help="where rb: weights live (as for eval)")
+    cv.add_argument("--n-examples", type=int, default=None, help="first N test examples (default: 1000)")
+    cv.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    cv.add_argument("--seed", type=int, default=0, help="seed, the same at every eps (default: 0)")
+    cv.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    cv.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cv.add_argument("--out", default=None,
+                    help="curve JSON path (default: results/curve__<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
+    cv.add_argument("--plot", default=None, metavar="PATH.png", help="plot path (default: --out with .png)")
+    cv.set_defaults(func=cmd_curve)
+
     ls = sub.add_parser("list", help="list models, attacks or datasets")
     ls.add_argument("what", choices=["models", "attacks", "datasets"])
     ls.set_defaults(func=cmd_list)
 
     tr = sub.add_parser("train", help="train a model producer (see `robustkit train small_cnn --help`)",
                         add_help=False)
-    tr.add_argument("producer", help="small_cnn")
+    tr.add_argument("producer", help="small_cnn or lightweight-cnn")
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=cmd_train)
 
@@ -158,22 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
 
     from robustkit.attacks import create_attack
-    from robustkit.data import DataError, dataset_info, load_array_file, load_split
     from robustkit.eval import evaluate
-    from robustkit.models import load_model
-    from robustkit.provenance import require_device
 
-    if args.n_examples is not None and args.n_examples < 1:
-        raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    device = require_device(args.device)
-    model_kwargs: dict[str, Any] = {}
-    if args.model.startswith("rb:"):
-        model_kwargs = {"dataset": args.dataset or "cifar10", "threat_model": args.norm,
-                        "model_dir": args.rb_model_dir, "download": not args.no_download}
-    loaded = load_model(args.model, device=device, **model_kwargs)
-    dataset = args.dataset or loaded.dataset or "cifar10"
+    device, loaded, dataset = _load_model_arg(args)
 
     attack = None
     if args.attack.lower() != "none":
@@ -182,25 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.attack_arg:
         raise ConfigError("--attack-arg needs an attack")
 
-    if args.data_file:
-        x, y = load_array_file(args.data_file)
-        if args.n_examples is not None:
-            if args.n_examples > len(y):
-                raise DataError(f"--n-examples {args.n_examples} exceeds the {len(y)} examples in {args.data_file}")
-            x, y = x[: args.n_examples], y[: args.n_examples]
-        data_info = {"source": str(args.data_file), "split": "file", "n_available": int(x.shape[0])}
-        dataset_name = Path(args.data_file).stem
-    else:
-        dataset_info(dataset)  # unknown names fail here with close matches
-        split = load_split(dataset, "test", data_dir=args.data_dir, download=not args.no_download)
-        n = args.n_examples if args.n_examples is not None else min(1000, len(split))
-        x, y = split.tensors(n)
-        data_info = {"source": split.source, "split": "test", "n_available": len(split),
-                     "indices": "first-n", "fingerprint": split.fingerprint(n)}
-        dataset_name = dataset
-    if loaded.num_classes is not None and int(y.max()) >= loaded.num_classes:
-        raise ConfigError(f"labels go up to {int(y.max())} but {args.model} has {loaded.num_classes} classes: "
-                          f"is --dataset {dataset_name} the data it was trained for?")
+    x, y, data_info, dataset_name = _load_data_arg(args, loaded, dataset)
 
     out = Path(args.out) if args.out else default_out(loaded.name, args.attack, dataset_name, len(y), args.seed)
     records = out.with_suffix(".records.jsonl")
@@ -215,6 +219,98 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result.save(out)
     print(result.summary())
     print(f"\nresult: {out}\nrecords: {records}")
+    return 0
+
+
+def _load_model_arg(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """Checks, device and model shared by eval and curve: (device, LoadedModel, dataset name)."""
+    from robustkit.models import load_model
+    from robustkit.provenance import require_device
+
+    if args.n_examples is not None and args.n_examples < 1:
+        raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = require_device(args.device)
+    model_kwargs: dict[str, Any] = {}
+    if args.model.startswith("rb:"):
+        model_kwargs = {"dataset": args.dataset or "cifar10", "threat_model": args.norm,
+                        "model_dir": args.rb_model_dir, "download": not args.no_download}
+    loaded = load_model(args.model, device=device, **model_kwargs)
+    return device, loaded, args.dataset or loaded.dataset or "cifar10"
+
+
+def _load_data_arg(args: argparse.Namespace, loaded: Any, dataset: str) -> tuple[Any, Any, dict[str, Any], str]:
+    """The first N examples shared by eval and curve: (x, y, data_info, dataset name)."""
+    from robustkit.data import DataError, dataset_info, load_array_file, load_split
+
+    subset = getattr(args, "subset", None)
+    if args.data_file and subset:
+        raise ConfigError("--subset picks part of a registered dataset (cinic10); "
+                          "it does not apply to --data-file")
+    if args.data_file:
+        x, y = load_array_file(args.data_file)
+        if args.n_examples is not None:
+            if args.n_examples > len(y):
+                raise DataError(f"--n-examples {args.n_examples} exceeds the {len(y)} examples in {args.data_file}")
+            x, y = x[: args.n_examples], y[: args.n_examples]
+        data_info = {"source": str(args.data_file), "split": "file", "n_available": int(x.shape[0])}
+        dataset_name = Path(args.data_file).stem
+    else:
+        dataset_info(dataset)  # unknown names fail here with close matches
+        split = load_split(dataset, "test", data_dir=args.data_dir, download=not args.no_download,
+                           subset=subset, progress=not getattr(args, "no_progress", False))
+        n = args.n_examples if args.n_examples is not None else min(1000, len(split))
+        x, y = split.tensors(n)
+        data_info = {"source": split.source, "split": "test", "n_available": len(split),
+                     "indices": "first-n", "fingerprint": split.fingerprint(n)}
+        if split.subset is not None:
+            data_info["subset"] = split.subset
+        if split.n_duplicates is not None:  # exact repeats within a class among the examples evaluated
+            data_info["duplicates"] = int(split.extra["duplicate"][:n].sum())
+        dataset_name = dataset
+    if loaded.num_classes is not None and int(y.max()) >= loaded.num_classes:
+        raise ConfigError(f"labels go up to {int(y.max())} but {args.model} has {loaded.num_classes} classes: "
+                          f"is --dataset {dataset_name} the data it was trained for?")
+    return x, y, data_info, dataset_name
+
+
+def cmd_curve(args: argparse.Namespace) -> int:
+    """Load like eval, then hand over to robustkit.eval.curve (where the logic lives)."""
+    import warnings
+
+    from robustkit.attacks import create_attack
+    from robustkit.eval.curve import CurveWarning, parse_eps_spec, robustness_curve
+
+    grid = parse_eps_spec(args.eps)
+    if args.attack.lower() == "none":
+        raise ConfigError("a curve needs an attack (--attack none gives clean accuracy only: use eval)")
+    device, loaded, dataset = _load_model_arg(args)
+    params = dict(parse_attack_arg(a) for a in args.attack_arg)
+
+    def factory(eps: float) -> Any:
+        return create_attack(args.attack, norm=args.norm, eps=eps, dataset=dataset, **params)
+
+    factory(next(e for e in grid if e > 0))  # a bad attack name or parameter fails before data loads
+    x, y, data_info, dataset_name = _load_data_arg(args, loaded, dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CurveWarning)  # printed below as one line each
+        curve = robustness_curve(
+            loaded.model, factory, grid, x, y,
+            batch_size=args.batch_size, device=device, seed=args.seed, progress=not args.no_progress,
+            model_name=loaded.name, attack_name=args.attack, dataset=dataset_name, data_info=data_info,
+            checkpoint_sha256=loaded.checkpoint_sha256,
+            model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
+        )
+    eval_out = default_out(loaded.name, args.attack, dataset_name, len(y), args.seed)
+    out = Path(args.out) if args.out else eval_out.with_name(f"curve__{eval_out.name}")
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    curve.save(out)
+    curve.plot(plot)
+    print(curve.summary())
+    print(f"\ncurve: {out}\nplot: {plot}")
+    for msg in curve.warnings:
+        print(f"robustkit: warning: {msg}", file=sys.stderr)
     return 0
 
 
@@ -296,13 +392,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.producer == "small_cnn":
+    producer = args.producer.replace("-", "_")  # `lightweight-cnn` and `lightweight_cnn` both work
+    if producer == "small_cnn":
         from robustkit.models.small_cnn import main as train_main
+    elif producer == "lightweight_cnn":
+        from robustkit.models.lightweight_cnn import main as train_main
+    else:
+        from robustkit.errors import UnknownNameError
 
-        return int(train_main(args.rest) or 0)
-    from robustkit.errors import UnknownNameError
-
-    raise UnknownNameError("producer", args.producer, ["small_cnn"])
+        raise UnknownNameError("producer", args.producer, ["small_cnn", "lightweight-cnn"])
+    train_main(args.rest)  # the producers return their checkpoint metadata (a dict), not a code
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
