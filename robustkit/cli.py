@@ -158,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="create the baseline file PATH from an existing result JSON (exactly one PATH)")
     rg.set_defaults(func=cmd_regress)
 
-    be = sub.add_parser("bench", help="benchmarks (overhead of the harness vs bare pyautoattack)",
+    be = sub.add_parser("bench", help="benchmarks: overhead (harness vs bare pyautoattack), latency (per image)",
                         add_help=False)
-    be.add_argument("which", help="overhead")
+    be.add_argument("which", help="overhead or latency")
     be.add_argument("rest", nargs=argparse.REMAINDER)
     be.set_defaults(func=cmd_bench)
 
@@ -410,9 +410,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from robustkit.bench import main as bench_main
 
         return int(bench_main(args.rest) or 0)
+    if args.which == "latency":
+        from robustkit.bench_latency import main as latency_main
+
+        return int(latency_main(args.rest) or 0)
     from robustkit.errors import UnknownNameError
 
-    raise UnknownNameError("benchmark", args.which, ["overhead"])
+    raise UnknownNameError("benchmark", args.which, ["latency", "overhead"])
 
 
 def _version() -> str:
