@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import tomllib
 from pathlib import Path
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--seed", type=int, default=0, help="seed, the same at every eps (default: 0)")
     cv.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     cv.add_argument("--no-progress", action="store_true", help="no progress bars")
+    cv.add_argument("--no-resume", action="store_true",
+                    help="start over even if the curve's records folder (next to --out) has finished points")
     cv.add_argument("--out", default=None,
                     help="curve JSON path (default: results/curve__<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
     cv.add_argument("--plot", default=None, metavar="PATH.png", help="plot path (default: --out with .png)")
@@ -293,6 +296,12 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
     factory(next(e for e in grid if e > 0))  # a bad attack name or parameter fails before data loads
     x, y, data_info, dataset_name = _load_data_arg(args, loaded, dataset)
+    eval_out = default_out(loaded.name, args.attack, dataset_name, len(y), args.seed)
+    out = Path(args.out) if args.out else eval_out.with_name(f"curve__{eval_out.name}")
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    records_dir = out.with_suffix(".records")
+    if args.no_resume and records_dir.exists():
+        shutil.rmtree(records_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CurveWarning)  # printed below as one line each
         curve = robustness_curve(
@@ -301,14 +310,12 @@ def cmd_curve(args: argparse.Namespace) -> int:
             model_name=loaded.name, attack_name=args.attack, dataset=dataset_name, data_info=data_info,
             checkpoint_sha256=loaded.checkpoint_sha256,
             model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
+            records_dir=records_dir,
         )
-    eval_out = default_out(loaded.name, args.attack, dataset_name, len(y), args.seed)
-    out = Path(args.out) if args.out else eval_out.with_name(f"curve__{eval_out.name}")
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     curve.save(out)
     curve.plot(plot)
     print(curve.summary())
-    print(f"\ncurve: {out}\nplot: {plot}")
+    print(f"\ncurve: {out}\nplot: {plot}\nrecords: {records_dir}/ (a killed run resumes from them)")
     for msg in curve.warnings:
         print(f"robustkit: warning: {msg}", file=sys.stderr)
     return 0

@@ -225,3 +225,30 @@ def test_cli_bad_input_is_one_line_exit_2(capsys, argv, needle):
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("robustkit: error:"), err
     assert needle in lines[0]
+
+
+def test_curve_resumes_from_its_records(tmp_path, monkeypatch):
+    """A second run with the same --out takes every finished point from its records: no attack runs."""
+    import json
+
+    from robustkit import cli as cli_mod
+    from robustkit.attacks import pgd
+
+    out = tmp_path / "c.json"
+    argv = ["curve", "--model", "tiny_cnn.init", "--dataset", "synthetic", "--attack", "pgd",
+            "--attack-arg", "steps=2", "--eps", "0:8/255:4/255", "--n-examples", "16", "--batch-size", "8",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert cli_mod.main(argv) == 0
+    first = json.loads(out.read_text())
+    assert sorted(p.name for p in (tmp_path / "c.records").iterdir()) == [
+        "clean.records.jsonl", "eps_0.015686275.records.jsonl", "eps_0.031372549.records.jsonl"]
+
+    def no_attacks(*args, **kwargs):
+        raise AssertionError("a resumed curve attacked again")
+
+    monkeypatch.setattr(pgd.PGD, "perturb", no_attacks)
+    assert cli_mod.main(argv) == 0
+    second = json.loads(out.read_text())
+    assert [p["robust_flags"] for p in second["points"]] == [p["robust_flags"] for p in first["points"]]
+    with pytest.raises(AssertionError, match="attacked again"):  # --no-resume starts over
+        cli_mod.main([*argv, "--no-resume"])

@@ -275,13 +275,16 @@ def robustness_curve(
     eps_list: Sequence[float | str] | str,
     x: torch.Tensor,
     y: torch.Tensor,
+    *,
+    records_dir: str | Path | None = None,
     **evaluate_kwargs: Any,
 ) -> Curve:
     """Accuracy of ``model`` on ``(x, y)`` at every eps of ``eps_list`` (a list or a grid spec).
 
     ``attack_factory(eps)`` builds the attack at one eps; ``evaluate_kwargs`` go to
     :func:`robustkit.eval.evaluate` (batch_size, device, seed, progress, model_name, ...).
-    Per-example records are not kept (``records_path`` is refused): each eps would need its own.
+    With ``records_dir`` every point keeps its own per-example records file there, so a killed
+    curve re-run with the same folder resumes: finished points and batches are not attacked again.
     """
     for key in ("records_path", "resume"):
         if key in evaluate_kwargs:
@@ -291,7 +294,12 @@ def robustness_curve(
     started = time.time()
     n = int(x.shape[0])
 
-    base = evaluate(model, None, x, y, **evaluate_kwargs)
+    rec_dir = Path(records_dir) if records_dir is not None else None
+
+    def records(name: str) -> dict[str, Any]:
+        return {} if rec_dir is None else {"records_path": rec_dir / f"{name}.records.jsonl", "resume": True}
+
+    base = evaluate(model, None, x, y, **evaluate_kwargs, **records("clean"))
     clean_flags = base.clean_flags
     correct = [i for i, c in enumerate(clean_flags) if c == "1"]
     idx = torch.tensor(correct, dtype=torch.long)
@@ -317,7 +325,7 @@ def robustness_curve(
         flags = ["0"] * n
         seconds, fwd, bwd = 0.0, 0, 0
         if correct:
-            res = evaluate(model, attack, x[idx], y[idx], **sub_kwargs)
+            res = evaluate(model, attack, x[idx], y[idx], **sub_kwargs, **records(f"eps_{eps:.8g}"))
             results.append(res)
             for j, i in enumerate(correct):
                 flags[i] = res.robust_flags[j] if res.robust_flags else "0"
