@@ -1,7 +1,8 @@
 """Model architectures and shipped weights (imported explicitly so registration never depends on
 what else happened to be imported)."""
 
-from robustkit.models import small_cnn  # noqa: F401  (registers tiny_cnn and small_cnn)
+# Imported for their registrations: tiny_cnn and small_cnn; lightweight_cnn.
+from robustkit.models import lightweight_cnn, small_cnn  # noqa: F401
 from robustkit.models.base import (
     MODELS,
     LoadedModel,
