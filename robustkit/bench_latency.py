@@ -70,13 +70,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None, sizes: list[int]) -> int:
+    from robustkit.data import DATASETS, dataset_info
     from robustkit.models import load_model, model_info
     from robustkit.provenance import describe_device, package_versions, require_device
 
     device = require_device(args.device)
     loaded = load_model(args.model, device=device)
-    arch = loaded.metadata.get("architecture") or loaded.name.split(".")[0]
-    shape = tuple(model_info(arch).input_shape)
+    # the input shape of the data the weights were trained on (one architecture serves 1x28x28
+    # and 3x32x32 tags), else the architecture's registered shape
+    if loaded.dataset and loaded.dataset in DATASETS:
+        shape = tuple(dataset_info(loaded.dataset).shape)
+    else:
+        arch = loaded.metadata.get("architecture") or loaded.name.split(".")[0]
+        shape = tuple(model_info(arch).input_shape)
     runs = [measure_latency(loaded.model, shape, batch_size=b, device=device, repeats=args.repeats)
             for b in sizes]
     n_params = sum(q.numel() for q in loaded.model.parameters())

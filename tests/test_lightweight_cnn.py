@@ -90,10 +90,11 @@ def test_recipes_are_consistent() -> None:
         assert recipe.stage1_epochs > 0 and all(e > 0 for e in recipe.phase_epochs), name
 
 
-def test_registered_without_shipped_weights_yet() -> None:
+def test_registered_with_mnist_as_default() -> None:
     assert "lightweight_cnn.init" in list_models()
-    loaded = load_model("lightweight_cnn")
-    assert loaded.name == "lightweight_cnn.init" and not WEIGHTS_TAGS
+    assert list(WEIGHTS_TAGS) == ["mnist_partial", "fashion_mnist_partial", "cifar10_partial"]
+    assert load_model("lightweight_cnn").name == "lightweight_cnn.mnist_partial"
+    loaded = load_model("lightweight_cnn.init")
     assert isinstance(loaded.model, UnifiedModel) and n_params(loaded.model) == PAPER_PARAMS
     assert loaded.model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
@@ -253,3 +254,22 @@ def test_cli_dispatches_the_producer(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["train", "no-such-producer"]) == 2
     err = capsys.readouterr().err
     assert "small_cnn" in err and "lightweight-cnn" in err
+
+
+@pytest.mark.parametrize("tag, dataset, n_params, correct_first200", [
+    ("mnist_partial", "mnist", 14_862, 198),
+    ("fashion_mnist_partial", "fashion_mnist", 14_862, 174),
+    ("cifar10_partial", "cifar10", 19_018, 122),
+])
+def test_shipped_weights_reproduce_their_card(real_data_dir, tag, dataset, n_params, correct_first200):
+    """The shipped checkpoints load (sha256 pinned), fit the budget and re-measure exactly as recorded."""
+    from robustkit.data import load_split
+    from robustkit.models import load_model
+
+    loaded = load_model(f"lightweight_cnn.{tag}")
+    assert sum(p.numel() for p in loaded.model.parameters()) == n_params
+    assert loaded.dataset == dataset
+    x, y = load_split(dataset, "test", data_dir=real_data_dir).tensors(200)
+    with torch.no_grad():
+        correct = int((loaded.model(x).argmax(1) == y).sum())
+    assert correct == correct_first200 == loaded.metadata["metrics"]["clean_correct_first200"]
