@@ -9,7 +9,6 @@ machine are too noisy to gate on.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from robustkit.eval.results import write_json_atomic
 
 
 def bare_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
@@ -102,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"median ratio harness/bare: {summary['median_ratio']:.3f} (target <= 1.05); "
           f"per-example flags identical in every run: {summary['all_flags_identical']}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json_atomic(args.out, summary)
         print(f"written: {args.out}")
     return 0 if summary["all_flags_identical"] else 1

@@ -9,13 +9,13 @@ benchmark, never a timed test.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from robustkit.eval.results import write_json_atomic
 
 
 def measure_latency(model: torch.nn.Module, input_shape: tuple[int, ...], *, batch_size: int,
@@ -94,7 +94,6 @@ def _run(args: argparse.Namespace, argv: list[str] | None, sizes: list[int]) -> 
         print(f"  batch {r['batch_size']:>4}: {r['per_image_ms']:.4f} ms/image "
               f"({r['median_call_ms']:.3f} ms per call, {r['images_per_second']:,.0f} images/s, {r['calls']} calls)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(args.out, report)
         print(f"wrote {args.out}")
     return 0

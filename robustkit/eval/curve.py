@@ -45,7 +45,7 @@ from torch import nn
 from robustkit.attacks.base import Attack
 from robustkit.errors import ConfigError
 from robustkit.eval.harness import evaluate
-from robustkit.eval.results import EvalResult, _fmt_seconds, write_json_atomic
+from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
 from robustkit.threat import format_eps, parse_eps
 
 CURVE_SCHEMA = "robustkit.curve"
@@ -172,17 +172,7 @@ class Curve:
     @classmethod
     def load(cls, path: str | Path) -> Curve:
         """Read a curve JSON written by :meth:`save` (schema-checked)."""
-        import json
-
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read curve {path}: {e}") from None
-        if d.get("schema") != CURVE_SCHEMA:
-            raise ConfigError(f"{path} is not a robustkit curve (schema {d.get('schema')!r})")
-        if d.get("schema_version") != CURVE_SCHEMA_VERSION:
-            raise ConfigError(f"{path}: unsupported curve schema_version {d.get('schema_version')}")
-        d = {k: v for k, v in d.items() if k not in ("schema", "schema_version")}
+        d = read_versioned_json(path, CURVE_SCHEMA, CURVE_SCHEMA_VERSION, "curve")
         d["points"] = [CurvePoint(**p) for p in d["points"]]
         return cls(**d)
 

@@ -78,15 +78,8 @@ class EvalResult:
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
         """Read a result JSON written by :meth:`save` (schema-checked)."""
-        try:
-            d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"cannot read result {path}: {e}") from None
-        if d.get("schema") != RESULT_SCHEMA:
-            raise ConfigError(f"{path} is not a robustkit result (schema {d.get('schema')!r})")
-        if d.get("schema_version") != RESULT_SCHEMA_VERSION:
-            raise ConfigError(f"{path}: unsupported result schema_version {d.get('schema_version')}")
-        d = {k: v for k, v in d.items() if k not in ("schema", "schema_version", "eps_str")}
+        d = read_versioned_json(path, RESULT_SCHEMA, RESULT_SCHEMA_VERSION, "result")
+        d.pop("eps_str", None)
         d["stages"] = [StageResult(**s) for s in d["stages"]]
         return cls(**d)
 
@@ -115,6 +108,20 @@ class EvalResult:
             tail += f"\nrobust accuracy {100 * self.robust_accuracy:6.2f}%"
         tail += f"   ({_fmt_seconds(self.timing['total_seconds'])} on {self.provenance.get('device')})"
         return "\n".join([head, "", *lines, "", tail])
+
+
+def read_versioned_json(path: str | Path, schema: str, version: int, kind: str) -> dict[str, Any]:
+    """A robustkit JSON file's body, after checking its ``schema`` and ``schema_version``."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {kind} {path}: {e}") from None
+    if not isinstance(d, dict) or d.get("schema") != schema:
+        found = d.get("schema") if isinstance(d, dict) else None
+        raise ConfigError(f"{path} is not a robustkit {kind} (schema {found!r})")
+    if d.get("schema_version") != version:
+        raise ConfigError(f"{path}: unsupported {kind} schema_version {d.get('schema_version')}")
+    return {k: v for k, v in d.items() if k not in ("schema", "schema_version")}
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
