@@ -126,13 +126,57 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--plot", default=None, metavar="PATH.png", help="plot path (default: --out with .png)")
     cv.set_defaults(func=cmd_curve)
 
+    ck = sub.add_parser("check", help="sanity checks of an evaluation (see `robustkit check masking --help`)")
+    cks = ck.add_subparsers(dest="check", metavar="CHECK", required=True)
+    mk = cks.add_parser(
+        "masking", help="gradient-masking checks: zero gradients, eps sweep, APGD vs Square",
+        description="Is a gradient-attack robust accuracy believable? Checks (1) input gradients of the correct "
+        "examples (zero / non-finite: the model hides them), (2) accuracy under APGD-CE over an eps sweep "
+        "(must not rise; near 0 at 4x eps), (3) Square (black-box) vs the gradient attacks, from a standard "
+        "AutoAttack result, one run here, or APGD-CE vs Square run directly. Writes a JSON report and a "
+        "Markdown model-card section. Exit 0 when nothing is flagged, 1 when something is, 2 on bad input.",
+        epilog="examples:\n  robustkit check masking --model small_cnn --n-examples 200\n"
+        "  robustkit check masking --model small_cnn --autoattack-result results/aa.json --markdown card.md\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mk.add_argument("--model", required=True, help="as for eval: registered id, rb:<Name> or a checkpoint")
+    mk.add_argument("--dataset", default=None, help="dataset name (default: the one the model was trained on)")
+    mk.add_argument("--data-dir", default=None, help="data root (as for eval)")
+    mk.add_argument("--data-file", default=None, help="your own .npz (as for eval)")
+    mk.add_argument("--no-download", action="store_true", help="never try to download data or weights")
+    mk.add_argument("--rb-model-dir", default=None, help="where rb: weights live (as for eval)")
+    mk.add_argument("--n-examples", type=int, default=200, help="first N test examples (default: 200)")
+    mk.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    mk.add_argument("--norm", default="Linf", help="threat norm: Linf or L2 (default: Linf)")
+    mk.add_argument("--eps", default=None, help="the claimed budget, e.g. 8/255 (default: the dataset's convention)")
+    mk.add_argument("--eps-grid", default=None, metavar="SPEC",
+                    help="sweep budgets, as for curve --eps (default: eps x 0,1/4,1/2,1,2,4; eps is always added)")
+    mk.add_argument("--unbounded", action="store_true", help="Linf: add eps=1 to the sweep (accuracy must reach 0)")
+    mk.add_argument("--attack", default="apgd-ce", help="the sweep's gradient attack (default: apgd-ce)")
+    mk.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a sweep attack parameter (repeatable), as for eval")
+    mk.add_argument("--autoattack-result", default=None, metavar="PATH",
+                    help="a standard AutoAttack result JSON of this model at this eps, for the Square gap")
+    mk.add_argument("--run-autoattack", action="store_true",
+                    help="run standard AutoAttack here for the Square gap (default: APGD-CE vs Square directly)")
+    mk.add_argument("--square-queries", type=int, default=5000,
+                    help="queries of the direct Square run (default: 5000, AutoAttack's; 0 skips that check)")
+    mk.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
+    mk.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    mk.add_argument("--out", default=None, metavar="PATH.json",
+                    help="report path (default: results/<model>__masking__<dataset>-n<N>-s<seed>.json)")
+    mk.add_argument("--markdown", default=None, metavar="PATH.md", help="Markdown path (default: --out with .md)")
+    mk.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mk.set_defaults(func=cmd_check_masking)
+
     ls = sub.add_parser("list", help="list models, attacks or datasets")
     ls.add_argument("what", choices=["models", "attacks", "datasets"])
     ls.set_defaults(func=cmd_list)
 
     tr = sub.add_parser("train", help="train a model producer (see `robustkit train small_cnn --help`)",
                         add_help=False)
-    tr.add_argument("producer", help="small_cnn or lightweight-cnn")
+    tr.add_argument("producer", help="small_cnn, lightweight-cnn, or adversarial training: pgd-at, trades, "
+                                     "fast-at, ltd (`robustkit train ltd --help`); standard: airbench94, airbench95, airbench96")
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=cmd_train)
 
@@ -161,9 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="create the baseline file PATH from an existing result JSON (exactly one PATH)")
     rg.set_defaults(func=cmd_regress)
 
-    be = sub.add_parser("bench", help="benchmarks: overhead (harness vs bare pyautoattack), latency (per image)",
-                        add_help=False)
-    be.add_argument("which", help="overhead or latency")
+    be = sub.add_parser("bench", help="benchmarks: overhead (harness vs bare pyautoattack), latency (per image), "
+                        "airbench (ours vs the reference script, GPU)", add_help=False)
+    be.add_argument("which", help="overhead, latency or airbench")
     be.add_argument("rest", nargs=argparse.REMAINDER)
     be.set_defaults(func=cmd_bench)
 
@@ -321,6 +365,40 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_masking(args: argparse.Namespace) -> int:
+    """Load like eval, then hand over to robustkit.eval.masking; exit 1 when anything is flagged."""
+    from robustkit.attacks import create_attack
+    from robustkit.eval.masking import masking_report, render_markdown, save_report, sweep_grid
+    from robustkit.threat import ThreatModel
+
+    if args.autoattack_result and args.run_autoattack:
+        raise ConfigError("--autoattack-result and --run-autoattack do not combine")
+    params = dict(parse_attack_arg(a) for a in args.attack_arg)
+    device, loaded, dataset = _load_model_arg(args)
+    threat = ThreatModel.create(args.norm, args.eps, dataset)
+    sweep_grid(threat, args.eps_grid, unbounded=args.unbounded)  # a bad grid or attack fails before data loads
+    create_attack(args.attack, norm=threat.norm, eps=threat.eps, **params)
+    x, y, data_info, dataset_name = _load_data_arg(args, loaded, dataset)
+    out = Path(args.out) if args.out else default_out(loaded.name, "masking", dataset_name, len(y), args.seed)
+    md = Path(args.markdown) if args.markdown else out.with_suffix(".md")
+    report = masking_report(
+        loaded.model, x, y, eps=threat.eps, norm=threat.norm, device=device, eps_grid=args.eps_grid,
+        unbounded=args.unbounded, sweep_attack=args.attack, sweep_params=params,
+        autoattack_result=args.autoattack_result, run_autoattack=args.run_autoattack,
+        square_queries=args.square_queries, batch_size=args.batch_size, seed=args.seed,
+        progress=not args.no_progress, model_name=loaded.name, dataset=dataset_name, data_info=data_info,
+        checkpoint_sha256=loaded.checkpoint_sha256,
+    )
+    save_report(report, out)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(render_markdown(report))
+    print(render_markdown(report))
+    print(f"report: {out}\nmarkdown: {md}")
+    for flag in report["flags"]:
+        print(f"robustkit: warning: {flag['check']}: {flag['message']}", file=sys.stderr)
+    return 1 if report["flagged"] else 0
+
+
 def parse_attack_arg(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as a TOML value (numbers, booleans, lists), else a string."""
     key, sep, raw = text.partition("=")
@@ -400,6 +478,17 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     producer = args.producer.replace("-", "_")  # `lightweight-cnn` and `lightweight_cnn` both work
+    method = args.producer.replace("_", "-")
+    if method in ("pgd-at", "trades", "fast-at", "ltd"):  # adversarial training (robustkit.training)
+        from robustkit.training.cli import main as train_method
+
+        train_method(method, args.rest)
+        return 0
+    if producer in ("airbench94", "airbench95", "airbench96"):  # standard training, one file per method
+        from robustkit.models.airbench import main as airbench_main
+
+        airbench_main([producer, *args.rest])
+        return 0
     if producer == "small_cnn":
         from robustkit.models.small_cnn import main as train_main
     elif producer == "lightweight_cnn":
@@ -407,7 +496,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from robustkit.errors import UnknownNameError
 
-        raise UnknownNameError("producer", args.producer, ["small_cnn", "lightweight-cnn"])
+        raise UnknownNameError("producer", args.producer,
+                               ["small_cnn", "lightweight-cnn", "pgd-at", "trades", "fast-at", "ltd",
+                                "airbench94", "airbench95", "airbench96"])
     train_main(args.rest)  # the producers return their checkpoint metadata (a dict), not a code
     return 0
 
@@ -421,9 +512,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from robustkit.bench_latency import main as latency_main
 
         return int(latency_main(args.rest) or 0)
+    if args.which == "airbench":
+        from robustkit.bench_airbench import main as airbench_bench_main
+
+        return int(airbench_bench_main(args.rest) or 0)
     from robustkit.errors import UnknownNameError
 
-    raise UnknownNameError("benchmark", args.which, ["latency", "overhead"])
+    raise UnknownNameError("benchmark", args.which, ["airbench", "latency", "overhead"])
 
 
 def _version() -> str:

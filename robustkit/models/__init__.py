@@ -1,8 +1,10 @@
 """Model architectures and shipped weights (imported explicitly so registration never depends on
 what else happened to be imported)."""
 
-# Imported for their registrations: tiny_cnn and small_cnn; lightweight_cnn.
-from robustkit.models import lightweight_cnn, small_cnn  # noqa: F401
+# Imported for their registrations: tiny_cnn and small_cnn; lightweight_cnn; airbench94/95/96
+# (standard training, robustkit.models.airbench); ltd, the LTD student wrapper (trained by
+# robustkit.training, which robustkit.models never imports).
+from robustkit.models import airbench, lightweight_cnn, ltd_student, small_cnn  # noqa: F401
 from robustkit.models.base import (
     MODELS,
     LoadedModel,

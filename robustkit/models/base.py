@@ -45,6 +45,9 @@ class Weights:
     file: str  # relative to robustkit/weights/, without suffix
     sha256: str
     description: str = ""
+    # Overrides of the checkpoint's arch_args for this tag: two tags can share one file and differ
+    # in a weight-free argument (airbench94's TTA level: the card's 6-pass model and a 1-pass one).
+    arch_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -145,20 +148,28 @@ def load_model(
             )
         else:
             w = info.tags[tag]
-            loaded = load_checkpoint_model(WEIGHTS_DIR / w.file, expected_sha256=w.sha256)
+            loaded = load_checkpoint_model(
+                WEIGHTS_DIR / w.file, expected_sha256=w.sha256, arch_args=w.arch_args
+            )
             loaded.name = f"{info.name}.{tag}"
     loaded.model.to(dev).eval()
     return loaded
 
 
-def load_checkpoint_model(path: str | Path, expected_sha256: str | None = None) -> LoadedModel:
-    """Rebuild the architecture named in a checkpoint's metadata and load its verified weights."""
+def load_checkpoint_model(
+    path: str | Path, expected_sha256: str | None = None, arch_args: dict[str, Any] | None = None
+) -> LoadedModel:
+    """Rebuild the architecture named in a checkpoint's metadata and load its verified weights;
+    ``arch_args`` override the stored ones (a registry tag's ``Weights.arch_args``)."""
     meta = read_metadata(path)
     arch = meta["architecture"]
     if arch not in MODELS:
         raise CheckpointError(f"checkpoint {path} names unknown architecture {arch!r}")
     info = model_info(arch)
     state, meta = load_checkpoint(path, expected_sha256)
+    if arch_args:
+        meta["arch_args"] = {**meta.get("arch_args", {}), **arch_args}
+        meta["arch_args_overridden"] = sorted(arch_args)
     model = info.builder(**meta.get("arch_args", {}))
     try:
         model.load_state_dict(state, strict=True)

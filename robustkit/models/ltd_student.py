@@ -1,0 +1,71 @@
+"""The LTD student: any registered architecture whose logits are divided by a fixed temperature.
+
+Low Temperature Distillation (Chen & Lee, arXiv 2111.02331) trains a student on a teacher's soft
+labels and divides the student's logits by its own temperature ``tau_s`` *identically in training
+and at inference*. That is the difference from defensive distillation (Papernot et al. 2016),
+which trains at a high temperature and deploys at T = 1: the deployed logits are then ~T times
+larger, the softmax saturates and gradient-based attacks see vanishing gradients (gradient
+masking), so the apparent robustness is an artefact. Here the temperature is part of the
+model itself, so an attacker differentiates exactly the function that was trained.
+
+The wrapper is registered as architecture ``ltd`` so that a checkpoint stores ``base``,
+``base_args`` and ``tau_s`` as plain JSON ``arch_args`` and ``load_checkpoint_model`` rebuilds it;
+the training code lives in :mod:`robustkit.training.ltd`. This module imports only
+:mod:`robustkit.models.base`, so ``robustkit.models`` can import it without a cycle.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustkit.errors import ConfigError
+from robustkit.models.base import model_info, register_model
+
+
+class LTDStudent(nn.Module):
+    """``base(x) / tau_s``, with ``base`` built from the model registry.
+
+    ``forward`` has no branch on ``self.training``: the same temperature applies in ``train()`` and
+    ``eval()``. ``base_args`` are the base architecture's constructor arguments (JSON-serialisable,
+    like every registered architecture's), e.g. ``{"width": 16}`` for ``small_cnn``.
+    """
+
+    def __init__(
+        self, base: str = "small_cnn", base_args: dict[str, Any] | None = None, tau_s: float = 1.0
+    ) -> None:
+        super().__init__()
+        if base == "ltd":
+            raise ConfigError("an LTD student cannot wrap another LTD student; give its base architecture")
+        tau_s = float(tau_s)
+        if not math.isfinite(tau_s) or tau_s <= 0:
+            raise ConfigError(f"tau_s must be a finite number > 0, got {tau_s!r}")
+        self.base_name = base
+        self.base_args = dict(base_args or {})
+        self.tau_s = tau_s
+        # model_info raises UnknownNameError with close matches for a mistyped base.
+        self.base = model_info(base).builder(**self.base_args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) / self.tau_s
+
+    def extra_repr(self) -> str:
+        return f"base={self.base_name!r}, tau_s={self.tau_s:g}"
+
+
+def _register() -> None:
+    register_model(
+        "ltd",
+        LTDStudent,
+        description="LTD student: a registered base architecture with logits / tau_s in train and eval "
+                    "(arch args base, base_args, tau_s); trained by `robustkit train ltd`",
+        dataset="cifar10",
+        num_classes=10,
+        input_shape=(3, 32, 32),
+    )
+
+
+_register()

@@ -1,0 +1,263 @@
+"""The LTD comparison at equal budget: PGD-AT vs PGD-AT+LTD vs TRADES vs TRADES+LTD.
+
+Why a driver and not four commands in a README: the claim being checked ("LTD raises robust accuracy on
+top of the framework it plugs into") is only meaningful when the four runs share the network, epochs,
+inner attack, data and seed, and are scored by the same standard AutoAttack on the same test images.
+This file pins that: one set of shared overrides is passed to every run, each run's own recipe only
+chooses the framework (and the LTD teacher/temperatures), and the table is rebuilt from the checkpoints
+and result JSONs on disk, never from numbers typed in. Finished trainings and evaluations are reused
+(AutoAttack resumes from its per-example records), so a killed run continues where it stopped::
+
+    python -m robustkit.training.compare --data-dir ../shared/data/partial --out-dir defenses/ltd_comparison
+
+writes ``<out-dir>/<run>.{safetensors,json}`` (checkpoints), ``<out-dir>/<run>__autoattack-n1000.json``
+(results), ``table.json``, ``table.md`` and ``table.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RECIPES = Path(__file__).resolve().parents[2] / "defenses"
+
+# name -> (training method, recipe file, extra flags). Only the framework differs between the pairs.
+RUNS: dict[str, tuple[str, str, list[str]]] = {
+    "pgd-at": ("pgd-at", "pgd_at.toml", []),
+    "pgd-at+ltd": ("ltd", "ltd.toml", ["--framework", "pgd-at"]),
+    "trades": ("trades", "trades.toml", []),
+    "trades+ltd": ("ltd", "ltd.toml", ["--framework", "trades"]),
+}
+
+
+def _run(cmd: list[str], log: Path) -> None:
+    """Run a robustkit command, teeing its output into ``log`` (kept next to the artefacts)."""
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        fh.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            fh.write(line)
+        if proc.wait() != 0:
+            raise SystemExit(f"command failed (exit {proc.returncode}); see {log}")
+
+
+def _row(name: str, ckpt_json: Path, result_json: Path) -> dict[str, Any]:
+    from robustkit.eval.results import RESULT_SCHEMA, RESULT_SCHEMA_VERSION, read_versioned_json
+
+    meta = json.loads(ckpt_json.read_text())
+    res = read_versioned_json(result_json, RESULT_SCHEMA, RESULT_SCHEMA_VERSION, "result")
+    stages = {s["name"]: s for s in res["stages"]}
+    training = meta.get("training", {})
+    recipe = training.get("recipe", {})
+    return {
+        "run": name,
+        "checkpoint": ckpt_json.with_suffix(".safetensors").name,
+        "checkpoint_sha256": meta.get("sha256"),
+        "architecture": meta.get("architecture"),
+        "n_parameters": meta.get("n_parameters"),
+        "framework": training.get("framework"),
+        "ltd": training.get("method") == "ltd",
+        "teacher": recipe.get("teacher"),
+        "tau_t": recipe.get("tau_t"),
+        "tau_s": recipe.get("tau_s"),
+        "train_wall_s": training.get("wall_time_s"),
+        "n_examples": res["n_examples"],
+        "clean_acc": res["clean_accuracy"],
+        "autoattack_acc": res["robust_accuracy"],
+        "apgd_ce_acc": stages.get("apgd-ce", {}).get("accuracy"),
+        "square_broke": stages.get("square", {}).get("n_broken"),
+        "fab_t_broke": stages.get("fab-t", {}).get("n_broken"),
+        "eval_wall_s": res.get("timing", {}).get("total_seconds"),
+        "result": result_json.name,
+    }
+
+
+def render_markdown(rows: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        "| run | clean | AutoAttack | APGD-CE | Square/FAB-T broke after APGD | train time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        late = f"{r['square_broke'] or 0} / {r['fab_t_broke'] or 0}"
+        lines.append(
+            f"| {r['run']} | {100 * r['clean_acc']:.2f}% | **{100 * r['autoattack_acc']:.2f}%** | "
+            f"{100 * r['apgd_ce_acc']:.2f}% | {late} | {r['train_wall_s'] or 0:.0f} s |"
+        )
+    n = rows[0]["n_examples"] if rows else 0
+    lines += ["", f"Standard AutoAttack, Linf 8/255, first {n} real CIFAR-10 test images, seed 0.",
+              f"Reproduce: `{command}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    for r in rows:
+        marker = "*" if r["ltd"] else "o"
+        color = "tab:blue" if r["framework"] == "pgd-at" else "tab:orange"
+        ax.scatter(100 * r["clean_acc"], 100 * r["autoattack_acc"], s=140 if r["ltd"] else 70,
+                   marker=marker, color=color, label=r["run"], zorder=3)
+    for fw, color in (("pgd-at", "tab:blue"), ("trades", "tab:orange")):
+        pair = [r for r in rows if r["framework"] == fw]
+        if len(pair) == 2:  # arrow from the base framework to +LTD
+            a, b = sorted(pair, key=lambda r: r["ltd"])
+            ax.annotate("", xy=(100 * b["clean_acc"], 100 * b["autoattack_acc"]),
+                        xytext=(100 * a["clean_acc"], 100 * a["autoattack_acc"]),
+                        arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6})
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("AutoAttack accuracy (%)")
+    n = rows[0]["n_examples"] if rows else 0
+    ax.set_title(f"LTD at equal budget (CIFAR-10 subset, n={n}, Linf 8/255)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _floats(spec: str) -> list[float]:
+    try:
+        return [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"expected a comma list of numbers, got {spec!r}") from None
+
+
+def ablation(args: argparse.Namespace, shared: list[str], common: list[str], data: list[str],
+             command: str) -> int:
+    """tau_t x tau_s grid of the LTD recipe, scored on a holdout of the TRAINING images.
+
+    The test split is never used to choose: each run holds out the last ``--holdout`` train images
+    and logs clean and PGD-10 accuracy on all of them after the last epoch; the pick is the highest
+    PGD-10 accuracy (ties: higher clean accuracy).
+    """
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    exe = [sys.executable, "-m", "robustkit"]
+    rows = []
+    for tau_t in _floats(args.tau_t):
+        for tau_s in _floats(args.tau_s):
+            stem = out / f"ltd_tt{tau_t:g}_ts{tau_s:g}"
+            ckpt = stem.with_suffix(".json")
+            if not ckpt.exists():
+                _run(exe + ["train", "ltd", "--recipe", str(RECIPES / "ltd.toml"), "--tau-t", str(tau_t),
+                            "--tau-s", str(tau_s), "--holdout", str(args.holdout), "--val-pgd-n", "0",
+                            "--n-test", "1", *shared, *data, *common, "--out", str(stem)], log)
+            training = json.loads(ckpt.read_text())["training"]
+            last = training["epochs_log"][-1]
+            rows.append({"tau_t": tau_t, "tau_s": tau_s, "framework": training["framework"],
+                         "holdout_n": last["val_n"], "holdout_clean_acc": last["val_clean_acc"],
+                         "holdout_pgd10_acc": last["val_pgd10_acc"],
+                         "train_wall_s": training["wall_time_s"], "checkpoint": ckpt.name})
+    best = max(rows, key=lambda r: (r["holdout_pgd10_acc"], r["holdout_clean_acc"]))
+    lines = ["| tau_t | tau_s | holdout clean | holdout PGD-10 | train time |",
+             "| ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mark = " **(picked)**" if r is best else ""
+        lines.append(f"| {r['tau_t']:g} | {r['tau_s']:g} | {100 * r['holdout_clean_acc']:.2f}% | "
+                     f"{100 * r['holdout_pgd10_acc']:.2f}%{mark} | {r['train_wall_s']:.0f} s |")
+    lines += ["", f"LTD-{rows[0]['framework'].upper()}, scored on the last {rows[0]['holdout_n']} real "
+              "CIFAR-10 *training* images (held out; the test split is not used), PGD-10 Linf 8/255.",
+              f"Reproduce: `{command}`"]
+    md = "\n".join(lines) + "\n"
+    from robustkit.eval.results import write_json_atomic
+
+    write_json_atomic(out / "ablation.json", {
+        "schema": "robustkit.ltd_ablation", "schema_version": 1, "command": command,
+        "shared_train_overrides": shared, "selection": "max holdout PGD-10, then clean", "picked":
+        {"tau_t": best["tau_t"], "tau_s": best["tau_s"]}, "rows": rows})
+    (out / "ablation.md").write_text(md)
+    print(md)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m robustkit.training.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None, help="data root holding cifar10/{train,test}.npz")
+    p.add_argument("--out-dir", default="defenses/ltd_comparison")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma list from {', '.join(RUNS)}")
+    p.add_argument("--n-examples", type=int, default=1000, help="AutoAttack on the first N test images")
+    p.add_argument("--attack", default="autoattack")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-arg", action="append", default=[], metavar="FLAG=VALUE",
+                   help="shared training override given to EVERY run (equal budget), e.g. epochs=15")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead of the comparison: the LTD tau_t x tau_s grid scored on a train holdout")
+    p.add_argument("--tau-t", default="0.25,0.5,1,2", help="ablation: teacher temperatures")
+    p.add_argument("--tau-s", default="1,2", help="ablation: student temperatures")
+    p.add_argument("--holdout", type=int, default=500, help="ablation: held-out train images")
+    args = p.parse_args(argv)
+
+    command = "python -m robustkit.training.compare " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    names = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in names if r not in RUNS]
+    if unknown:
+        from robustkit.errors import UnknownNameError
+
+        raise UnknownNameError("comparison run", unknown[0], list(RUNS))
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    shared: list[str] = []
+    for item in args.train_arg:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--train-arg needs FLAG=VALUE, got {item!r}")
+        shared += [f"--{key.strip().lstrip('-')}", value]
+    common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+    common += ["--no-progress"] if args.no_progress else []
+    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    exe = [sys.executable, "-m", "robustkit"]
+    if args.ablation:
+        return ablation(args, shared, common, data, command)
+
+    rows = []
+    t0 = time.perf_counter()
+    for name in names:
+        method, recipe, extra = RUNS[name]
+        stem = out / name.replace("+", "_")
+        ckpt = stem.with_suffix(".json")
+        if not ckpt.exists():  # the checkpoint JSON is written last: its presence means "trained"
+            _run(exe + ["train", method, "--recipe", str(RECIPES / recipe), *extra, *shared, *data,
+                        *common, "--out", str(stem)], log)
+        result = out / f"{stem.name}__{args.attack}-n{args.n_examples}.json"
+        if not result.exists():
+            _run(exe + ["eval", "--model", str(stem) + ".safetensors", "--dataset", "cifar10",
+                        "--attack", args.attack, "--n-examples", str(args.n_examples), *data,
+                        "--device", args.device, "--out", str(result)]
+                 + (["--no-progress"] if args.no_progress else []), log)
+        rows.append(_row(name, ckpt, result))
+
+    table = {"schema": "robustkit.ltd_comparison", "schema_version": 1, "command": command,
+             "shared_train_overrides": shared, "device": args.device, "rows": rows}
+    from robustkit.eval.results import write_json_atomic
+
+    write_json_atomic(out / "table.json", table)
+    md = render_markdown(rows, command)
+    (out / "table.md").write_text(md)
+    plot(rows, out / "table.png")
+    print(md)
+    print(f"done in {time.perf_counter() - t0:.0f}s; wrote {out / 'table.json'}, table.md, table.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
