@@ -350,7 +350,6 @@ def test_unknown_producer_lists_airbench(capsys):
     assert "airbench9" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(ab.AIRBENCH94_CIFAR10_PARTIAL_SHA256 == "PENDING", reason="weights not trained yet")
 def test_shipped_weights_load_verified_with_both_tta_tags(tmp_path):
     full = load_model("airbench94.cifar10_partial")
     fast = load_model("airbench94.cifar10_partial_tta0")
@@ -374,7 +373,6 @@ def test_shipped_weights_load_verified_with_both_tta_tags(tmp_path):
         load_checkpoint_model(tmp_path / "w", expected_sha256=ab.AIRBENCH94_CIFAR10_PARTIAL_SHA256)
 
 
-@pytest.mark.skipif(ab.AIRBENCH94_CIFAR10_PARTIAL_SHA256 == "PENDING", reason="weights not trained yet")
 def test_shipped_weights_reproduce_their_recorded_accuracy(real_data_dir):
     loaded = load_model("airbench94.cifar10_partial_tta0")
     x, y = load_split("cifar10", "test", data_dir=real_data_dir).tensors(200)

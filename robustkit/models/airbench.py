@@ -750,7 +750,7 @@ def train(
 # --------------------------------------------------------------------------------------------
 
 # sha256 of robustkit/weights/airbench94.cifar10_partial.safetensors (verified on every load).
-AIRBENCH94_CIFAR10_PARTIAL_SHA256 = "PENDING"
+AIRBENCH94_CIFAR10_PARTIAL_SHA256 = "e44ecb7081984e844fe5bad5910564947f86e3368b89b5bb9da3c66142d54c61"
 
 
 def _builder(hp: Hyperparams) -> Callable[..., AirbenchNet]:
@@ -771,7 +771,7 @@ def _register() -> None:
     }
     for name, hp in VARIANTS.items():
         tags: dict[str, Weights] = {}
-        if name == "airbench94" and AIRBENCH94_CIFAR10_PARTIAL_SHA256 != "PENDING":
+        if name == "airbench94":
             desc = "standard training on the 5,438 real CIFAR-10 train images (CPU recipe)"
             tags = {
                 "cifar10_partial": Weights(
@@ -859,10 +859,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(
-        prog="robustkit train airbench94|airbench95|airbench96",
+        prog="robustkit train",
         description="airbench (Jordan 2024): fast standard training; saves a robustkit checkpoint.",
     )
-    p.add_argument("variant", choices=sorted(VARIANTS))
+    p.add_argument("variant", choices=sorted(VARIANTS), help="the recipe; every value can be overridden below")
     p.add_argument("--dataset", default="cifar10", help="any 3x32x32 robustkit dataset (default: cifar10)")
     p.add_argument("--data-dir", default=None, help="root holding <dataset>/{train,test}.npz")
     p.add_argument("--out", required=True, help="checkpoint path without suffix")

@@ -171,7 +171,7 @@ OPTIONS: dict[str, Opt] = {
     "framework": Opt("trades", _choice(*FRAMEWORKS), "LTD's base framework", LTD_ONLY),
     "teacher": Opt("small_cnn.cifar10_partial", _str, "teacher model id or checkpoint path", LTD_ONLY),
     "tau_t": Opt(0.5, _float, "teacher temperature of the soft labels", LTD_ONLY),
-    "tau_s": Opt(1.0, _float, "student temperature (logits / tau_s in training AND inference)", LTD_ONLY),
+    "tau_s": Opt(2.0, _float, "student temperature (logits / tau_s in training AND inference)", LTD_ONLY),
     "teacher_input": Opt("clean", _choice("clean", "adv"), "what the teacher labels: the clean image "
                                                            "(as in KD) or the student's adversarial one",
                          LTD_ONLY),

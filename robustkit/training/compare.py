@@ -153,7 +153,7 @@ def ablation(args: argparse.Namespace, shared: list[str], common: list[str], dat
     for tau_t in _floats(args.tau_t):
         for tau_s in _floats(args.tau_s):
             stem = out / f"ltd_tt{tau_t:g}_ts{tau_s:g}"
-            ckpt = stem.with_suffix(".json")
+            ckpt = stem.parent / (stem.name + ".json")  # not with_suffix: "tt0.5" has a dot
             if not ckpt.exists():
                 _run(exe + ["train", "ltd", "--recipe", str(RECIPES / "ltd.toml"), "--tau-t", str(tau_t),
                             "--tau-s", str(tau_s), "--holdout", str(args.holdout), "--val-pgd-n", "0",
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         method, recipe, extra = RUNS[name]
         stem = out / name.replace("+", "_")
-        ckpt = stem.with_suffix(".json")
+        ckpt = stem.parent / (stem.name + ".json")
         if not ckpt.exists():  # the checkpoint JSON is written last: its presence means "trained"
             _run(exe + ["train", method, "--recipe", str(RECIPES / recipe), *extra, *shared, *data,
                         *common, "--out", str(stem)], log)
