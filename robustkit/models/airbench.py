@@ -835,26 +835,12 @@ def hp_from_args(variant: str, args: argparse.Namespace) -> tuple[Hyperparams, d
     return hp, {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
-def _index_ranges(idx: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"``: compact provenance of which official images were used."""
-    if not idx:
-        return ""
-    parts, start, prev = [], idx[0], idx[0]
-    for i in idx[1:] + [None]:  # type: ignore[list-item]
-        if i is not None and i == prev + 1:
-            prev = i
-            continue
-        parts.append(f"{start}-{prev}" if prev != start else str(start))
-        if i is not None:
-            start = prev = i
-    return ",".join(parts)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train an airbench variant on a robustkit dataset, measure test accuracy at TTA 0/1/2, save
     a robustkit checkpoint; return the metadata written."""
     from robustkit.checkpoint import save_checkpoint
     from robustkit.data import dataset_info, load_split
+    from robustkit.models.small_cnn import _index_ranges
     from robustkit.provenance import describe_device, require_device
 
     argv = list(sys.argv[1:] if argv is None else argv)
