@@ -628,7 +628,7 @@ def train(
     # -- model placement and precision (untimed: "building the model")
     model.to(dev)
     if dt == torch.float16:
-        model.half()
+        model.to(dtype=dt)  # the caller chose float16
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.float()  # BN in fp32: statistics of fp16 activations, fp32 accumulation
