@@ -61,9 +61,12 @@ def save_checkpoint(
 
     tensor_path, meta_path = _paths(path)
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
+    # A composite's sub-models named in ``external_state_prefixes`` live in their own verified files.
+    external = tuple(getattr(model, "external_state_prefixes", ()))
     state = {
         _strip_prefixes(k): v.detach().to("cpu").contiguous()
         for k, v in model.state_dict().items()
+        if not (external and _strip_prefixes(k).startswith(external))
     }
     save_file(state, str(tensor_path), metadata={"format": CHECKPOINT_FORMAT})
     meta: dict[str, Any] = {
@@ -76,7 +79,7 @@ def save_checkpoint(
         "num_classes": num_classes,
         "training": training or {},
         "metrics": metrics or {},
-        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "n_parameters": sum(p.numel() for p in model.parameters()),  # sub-models included
         "file": tensor_path.name,
         "sha256": sha256_file(tensor_path),
     }

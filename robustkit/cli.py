@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ".safetensors checkpoint path")
     ev.add_argument("--attack", default="autoattack",
                     help="attack name (see `robustkit list attacks`), foolbox:<Name>, a preset .toml, "
-                    "or 'none' for clean accuracy only (default: autoattack)")
+                    "or 'none' for clean accuracy only (default: autoattack); a comma list, e.g. "
+                    "autoattack,autoattack-adaptive, runs each on the same examples, writes one result "
+                    "each (with --out R.json: R__<attack>.json) and prints the min robust accuracy")
     ev.add_argument("--norm", default="Linf", help="threat norm: Linf or L2 (default: Linf)")
     ev.add_argument("--eps", default=None,
                     help="budget as a float or fraction, e.g. 8/255 (default: the dataset's convention, "
@@ -126,6 +128,44 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--plot", default=None, metavar="PATH.png", help="plot path (default: --out with .png)")
     cv.set_defaults(func=cmd_curve)
 
+    to = sub.add_parser(
+        "tradeoff", help="clean vs robust accuracy of a mixed classifier: g, h, fixed-alpha mixtures and the "
+        "adaptive model (JSON + PNG + verdict)",
+        description="Evaluate a MixedClassifier (Adaptive Smoothing) as g alone, h alone, each fixed-alpha "
+        "mixture and the adaptive model, on the same first N test examples with the same attack and seed, "
+        "and say whether the adaptive point lies above the piecewise-linear fixed-alpha curve at its clean "
+        "accuracy. g and h are the curve's endpoints (alpha 0 and 1 are not re-run unless --check-endpoints). "
+        "Each point keeps its own result and records under --out-dir, so a killed run resumes point by point.",
+        epilog="example:\n  robustkit tradeoff --model adaptive_smoothing --alphas 0,0.25,0.5,0.75,0.9,1 "
+        "--attack autoattack --n-examples 500\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    to.add_argument("--model", required=True, help="a registered MixedClassifier id, e.g. adaptive_smoothing")
+    to.add_argument("--alphas", default="0,0.25,0.5,0.75,0.9,1",
+                    help="fixed mixing weights in [0, 1], comma-separated (default: 0,0.25,0.5,0.75,0.9,1)")
+    to.add_argument("--attack", default="autoattack", help="as for eval, except 'none' (default: autoattack)")
+    to.add_argument("--norm", default="Linf", help="threat norm: Linf or L2 (default: Linf)")
+    to.add_argument("--eps", default=None, help="budget, e.g. 8/255 (default: the dataset's convention)")
+    to.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an attack parameter (repeatable), e.g. steps=50")
+    to.add_argument("--dataset", default=None, help="dataset name (default: the one the model was trained on)")
+    to.add_argument("--data-dir", default=None, help="data root (as for eval)")
+    to.add_argument("--data-file", default=None, help="your own .npz (as for eval)")
+    to.add_argument("--no-download", action="store_true", help="never try to download data or weights")
+    to.add_argument("--rb-model-dir", default=None, help=argparse.SUPPRESS)
+    to.add_argument("--n-examples", type=int, default=None, help="first N test examples (default: 1000)")
+    to.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
+    to.add_argument("--seed", type=int, default=0, help="seed, the same at every point (default: 0)")
+    to.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    to.add_argument("--check-endpoints", action="store_true",
+                    help="also evaluate fixed alpha 0 and 1 (the mixed form of g and h) as a consistency check")
+    to.add_argument("--out-dir", default="eval/tradeoff",
+                    help="writes <model>__<attack>__n<N>.json/.png and a .points/ folder there "
+                    "(default: eval/tradeoff)")
+    to.add_argument("--no-resume", action="store_true", help="start over even if finished points exist")
+    to.add_argument("--no-progress", action="store_true", help="no progress bars")
+    to.set_defaults(func=cmd_tradeoff)
+
     ck = sub.add_parser("check", help="sanity checks of an evaluation (see `robustkit check masking --help`)")
     cks = ck.add_subparsers(dest="check", metavar="CHECK", required=True)
     mk = cks.add_parser(
@@ -176,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model producer (see `robustkit train small_cnn --help`)",
                         add_help=False)
     tr.add_argument("producer", help="small_cnn, lightweight-cnn, or adversarial training: pgd-at, trades, "
-                                     "fast-at, ltd (`robustkit train ltd --help`); standard: airbench94, airbench95, airbench96")
+                                     "fast-at, ltd (`robustkit train ltd --help`); standard: airbench94, airbench95, airbench96; "
+                                     "adaptive_smoothing (trains a mixing network)")
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=cmd_train)
 
@@ -244,29 +285,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device, loaded, dataset = _load_model_arg(args)
 
-    attack = None
+    names = [args.attack] if "," not in args.attack else [a.strip() for a in args.attack.split(",")]
+    if len(names) > 1 and (any(not a or a.lower() == "none" for a in names) or len(set(names)) < len(names)):
+        raise ConfigError(f"--attack {args.attack!r}: a comma list needs distinct attack names (no 'none')")
+    attacks: list[Any] = [None]
     if args.attack.lower() != "none":
-        params = dict(parse_attack_arg(a) for a in args.attack_arg)
-        attack = create_attack(args.attack, norm=args.norm, eps=args.eps, dataset=dataset, **params)
+        params = dict(parse_attack_arg(a) for a in args.attack_arg)  # applied to every listed attack
+        attacks = [create_attack(a, norm=args.norm, eps=args.eps, dataset=dataset, **params) for a in names]
+        for attack in attacks:  # e.g. autoattack-adaptive on a model without forward_with_gamma
+            if hasattr(attack, "check_model"):
+                attack.check_model(loaded.model)
     elif args.attack_arg:
         raise ConfigError("--attack-arg needs an attack")
 
     x, y, data_info, dataset_name = _load_data_arg(args, loaded, dataset)
 
-    out = Path(args.out) if args.out else default_out(loaded.name, args.attack, dataset_name, len(y), args.seed)
-    records = out.with_suffix(".records.jsonl")
-    result = evaluate(
-        loaded.model, attack, x, y,
-        batch_size=args.batch_size, device=device, seed=args.seed,
-        records_path=records, resume=not args.no_resume, progress=not args.no_progress,
-        model_name=loaded.name, attack_name=None if attack is None else args.attack,
-        dataset=dataset_name, data_info=data_info, checkpoint_sha256=loaded.checkpoint_sha256,
-        model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
-    )
-    result.save(out)
-    print(result.summary())
-    print(f"\nresult: {out}\nrecords: {records}")
+    results = []
+    for name, attack in zip(names, attacks, strict=True):
+        out = Path(args.out) if args.out else default_out(loaded.name, name, dataset_name, len(y), args.seed)
+        if args.out and len(names) > 1:  # one result per attack beside the path given
+            out = out.with_name(f"{out.stem}__{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)}{out.suffix}")
+        records = out.with_suffix(".records.jsonl")
+        result = evaluate(
+            loaded.model, attack, x, y,
+            batch_size=args.batch_size, device=device, seed=args.seed,
+            records_path=records, resume=not args.no_resume, progress=not args.no_progress,
+            model_name=loaded.name, attack_name=None if attack is None else name,
+            dataset=dataset_name, data_info=data_info, checkpoint_sha256=loaded.checkpoint_sha256,
+            model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
+        )
+        result.save(out)
+        if results:
+            print()
+        print(result.summary())
+        print(f"\nresult: {out}\nrecords: {records}")
+        results.append(result)
+    if len(results) > 1:
+        print("\n" + _attack_comparison(results))
     return 0
+
+
+def _attack_comparison(results: list[Any]) -> str:
+    """One line: robust accuracy per attack and the number to report, the minimum over attacks
+    (and, stricter still, the per-example worst case: robust only if no attack broke it)."""
+    accs = [r.robust_accuracy for r in results]
+    worst = min(range(len(results)), key=lambda i: accs[i])
+    flags = [r.robust_flags for r in results]
+    per_example = sum(all(f[i] == "1" for f in flags) for i in range(len(flags[0]))) / len(flags[0])
+    each = " | ".join(f"{r.attack} {100 * a:.2f}%" for r, a in zip(results, accs, strict=True))
+    return (f"robust accuracy by attack: {each} -> report {100 * accs[worst]:.2f}% "
+            f"(min, {results[worst].attack}; per-example worst case {100 * per_example:.2f}%)")
 
 
 def _load_model_arg(args: argparse.Namespace) -> tuple[Any, Any, str]:
@@ -361,6 +429,56 @@ def cmd_curve(args: argparse.Namespace) -> int:
     print(curve.summary())
     print(f"\ncurve: {out}\nplot: {plot}\nrecords: {records_dir}/ (a killed run resumes from them)")
     for msg in curve.warnings:
+        print(f"robustkit: warning: {msg}", file=sys.stderr)
+    return 0
+
+
+def cmd_tradeoff(args: argparse.Namespace) -> int:
+    """Load like eval, then hand over to robustkit.eval.tradeoff (where the logic lives)."""
+    import shlex
+
+    from robustkit.attacks import create_attack
+    from robustkit.eval.tradeoff import accuracy_tradeoff, parse_alphas, require_mixed, tradeoff_stem
+
+    alphas = parse_alphas(args.alphas)
+    if args.attack.lower() == "none":
+        raise ConfigError("a trade-off needs an attack (--attack none gives clean accuracy only: use eval)")
+    if "," in args.attack:
+        raise ConfigError("tradeoff takes one --attack per run (run it once per attack)")
+    device, loaded, dataset = _load_model_arg(args)
+    require_mixed(loaded.model, loaded.name)
+    params = dict(parse_attack_arg(a) for a in args.attack_arg)
+
+    def factory() -> Any:
+        return create_attack(args.attack, norm=args.norm, eps=args.eps, dataset=dataset, **params)
+
+    factory()  # a bad attack name or parameter fails before data loads
+    x, y, data_info, dataset_name = _load_data_arg(args, loaded, dataset)
+    stem = tradeoff_stem(loaded.name, args.attack, len(y))
+    out = Path(args.out_dir) / f"{stem}.json"
+    points_dir = Path(args.out_dir) / f"{stem}.points"
+    if args.no_resume and points_dir.exists():
+        shutil.rmtree(points_dir)
+    # every option spelled out, defaults included: re-running this line reproduces the run
+    argv = ["--model", args.model, "--alphas", ",".join(f"{a:g}" for a in alphas), "--attack", args.attack,
+            "--norm", args.norm, *(["--eps", args.eps] if args.eps else []),
+            *[f"--attack-arg={a}" for a in args.attack_arg], "--dataset", dataset, *(["--data-dir", args.data_dir] if args.data_dir else []),
+            *(["--data-file", args.data_file] if args.data_file else []), "--n-examples", str(len(y)),
+            "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
+            *(["--check-endpoints"] if args.check_endpoints else []), "--out-dir", args.out_dir]
+    result = accuracy_tradeoff(
+        loaded.model, factory, alphas, x, y, points_dir=points_dir, check_endpoints=args.check_endpoints,
+        command="robustkit tradeoff " + shlex.join(argv),
+        batch_size=args.batch_size, device=device, seed=args.seed, progress=not args.no_progress,
+        model_name=loaded.name, attack_name=args.attack, dataset=dataset_name, data_info=data_info,
+        checkpoint_sha256=loaded.checkpoint_sha256,
+        model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
+    )
+    result.save(out)
+    plot = result.plot(out.with_suffix(".png"))
+    print(result.summary())
+    print(f"\ntradeoff: {out}\nplot: {plot}\npoints: {points_dir}/ (a killed run resumes from them)")
+    for msg in result.warnings:
         print(f"robustkit: warning: {msg}", file=sys.stderr)
     return 0
 
@@ -484,6 +602,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         train_method(method, args.rest)
         return 0
+    if producer == "adaptive_smoothing":  # trains only the mixing network of a composite
+        from robustkit.training.adaptive_smoothing import main as mixing_main
+
+        mixing_main(args.rest)
+        return 0
     if producer in ("airbench94", "airbench95", "airbench96"):  # standard training, one file per method
         from robustkit.models.airbench import main as airbench_main
 
@@ -497,7 +620,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from robustkit.errors import UnknownNameError
 
         raise UnknownNameError("producer", args.producer,
-                               ["small_cnn", "lightweight-cnn", "pgd-at", "trades", "fast-at", "ltd",
+                               ["small_cnn", "lightweight-cnn", "pgd-at", "trades", "fast-at", "ltd", "adaptive_smoothing",
                                 "airbench94", "airbench95", "airbench96"])
     train_main(args.rest)  # the producers return their checkpoint metadata (a dict), not a code
     return 0

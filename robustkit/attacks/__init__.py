@@ -3,7 +3,8 @@
 Names users type (``robustkit list attacks``):
 - ``fgsm``, ``pgd``: robustkit's own Linf/L2 attacks;
 - presets from ``attacks/*.toml`` (shipped inside the package): ``autoattack``,
-  ``autoattack-plus``, ``autoattack-rand``, ``apgd-ce``, ``apgd-t`` — each names an attack kind
+  ``autoattack-plus``, ``autoattack-rand``, ``autoattack-adaptive`` (for adaptive-smoothing
+  models), ``apgd-ce``, ``apgd-t`` — each names an attack kind
   and its parameters, so the protocol a number was measured with is a reviewable file;
 - ``foolbox:<AttackName>``: any fixed-epsilon foolbox 3 attack;
 - a path to a preset ``.toml`` file of your own.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from robustkit.attacks.adaptive import AdaptiveAutoAttack
 from robustkit.attacks.autoattack import AutoAttack
 from robustkit.attacks.base import Attack, perturbation_norms, project
 from robustkit.attacks.pgd import FGSM, PGD
@@ -26,7 +28,8 @@ from robustkit.threat import ThreatModel
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "attacks"
 
 # Attack kinds a preset may name; each maps (threat, **params) to an Attack.
-KINDS: dict[str, Callable[..., Attack]] = {"autoattack": AutoAttack, "pgd": PGD, "fgsm": FGSM}
+KINDS: dict[str, Callable[..., Attack]] = {"autoattack": AutoAttack, "pgd": PGD, "fgsm": FGSM,
+                                           "autoattack-adaptive": AdaptiveAutoAttack}
 
 ATTACKS: Registry[dict[str, Any]] = Registry("attack")
 
@@ -115,10 +118,11 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
     try:
         if isinstance(kind, str) and kind.startswith("foolbox:"):
             attack = _foolbox_from_config(threat, params)
-        elif kind == "autoattack":
+        elif kind in ("autoattack", "autoattack-adaptive"):
             version = params.get("version", "standard")
-            attack = AutoAttack(threat, version=version, overrides=params.get("overrides"),
-                                attacks=params.get("stages") if version == "custom" else None)
+            extra = {"w": params["w"]} if kind == "autoattack-adaptive" and "w" in params else {}
+            attack = KINDS[kind](threat, version=version, overrides=params.get("overrides"),
+                                 attacks=params.get("stages") if version == "custom" else None, **extra)
         elif kind in KINDS:
             attack = KINDS[kind](threat, **params)
         else:
@@ -160,6 +164,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 _register_builtin()
 
 __all__ = [
-    "ATTACKS", "Attack", "AutoAttack", "FGSM", "PGD", "attack_from_config", "create_attack", "list_attacks",
+    "ATTACKS", "AdaptiveAutoAttack", "Attack", "AutoAttack", "FGSM", "PGD", "attack_from_config", "create_attack", "list_attacks",
     "perturbation_norms", "project", "read_preset",
 ]

@@ -27,7 +27,21 @@ class PassCounter(nn.Module):
         self.on_forward: Callable[[], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
+        return self._count(x, self.model(x))
+
+    @property
+    def forward_with_gamma(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """The wrapped model's ``forward_with_gamma`` (adaptive attacks read the mixer through
+        it), counted like ``forward``; absent (``hasattr`` is False) when the model has none."""
+        if not callable(getattr(self.model, "forward_with_gamma", None)):
+            raise AttributeError(f"{type(self.model).__name__} has no forward_with_gamma")
+        return self._forward_with_gamma
+
+    def _forward_with_gamma(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, gamma = self.model.forward_with_gamma(x)
+        return self._count(x, out), gamma
+
+    def _count(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         n = int(x.shape[0])
         self.forward_passes += n
         self.forward_calls += 1

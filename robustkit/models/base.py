@@ -171,8 +171,17 @@ def load_checkpoint_model(
         meta["arch_args"] = {**meta.get("arch_args", {}), **arch_args}
         meta["arch_args_overridden"] = sorted(arch_args)
     model = info.builder(**meta.get("arch_args", {}))
+    # A composite (adaptive_smoothing) builds its sub-models from their own verified checkpoints and
+    # stores only the rest: every key outside those prefixes must still match exactly.
+    external = tuple(getattr(model, "external_state_prefixes", ()))
     try:
-        model.load_state_dict(state, strict=True)
+        if external:
+            model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.startswith(external)},
+                                   **state}, strict=True)
+            if any(k.startswith(external) for k in state):
+                raise RuntimeError(f"the file holds weights under {external}, which load from their own files")
+        else:
+            model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not fit {arch}: {first}") from None

@@ -1,0 +1,239 @@
+"""Adaptive Smoothing: the probability-space mixture, feature taps, the mixing network, the
+composite's checkpoint and the mixing-network trainer (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustkit.checkpoint import save_checkpoint
+from robustkit.errors import CheckpointError, ConfigError
+from robustkit.models import create_model, load_model
+from robustkit.models.adaptive_smoothing import (
+    FeatureTaps,
+    MixedClassifier,
+    MixingConfig,
+    MixingNet,
+    auto_taps,
+    build_adaptive_smoothing,
+    mix_log_probs,
+)
+from robustkit.training import adaptive_smoothing as trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _tiny(seed: int) -> torch.nn.Module:
+    return create_model("tiny_cnn.init", seed=seed)
+
+
+def _composite(config: MixingConfig | None = None, seed: int = 0) -> MixedClassifier:
+    g, h = _tiny(seed), _tiny(seed + 1)
+    taps = auto_taps(g, (3, 32, 32))
+    torch.manual_seed(seed)
+    net = MixingNet(2 * 8, 2 * 8, width=8)
+    return MixedClassifier(g, h, s_g=1.5, s_h=0.7, mixing_net=net, taps_g=taps, taps_h=taps, config=config).eval()
+
+
+def test_fixed_alpha_zero_and_one_are_exactly_g_and_h():
+    m = _composite()
+    x = torch.rand(5, 3, 32, 32)
+    g = F.log_softmax(1.5 * m.g(x), 1)
+    h = F.log_softmax(0.7 * m.h(x), 1)
+    assert torch.equal(m.fixed_alpha(0.0)(x), g)
+    assert torch.equal(m.fixed_alpha(1.0)(x), h)
+    # The tensor path (what the adaptive mixture uses) too: log(0) drops the other term exactly.
+    zg, zh = m.g(x), m.h(x)
+    assert torch.allclose(mix_log_probs(zg, zh, torch.zeros(5), 1.5, 0.7), g, atol=0, rtol=0)
+    assert torch.allclose(mix_log_probs(zg, zh, torch.ones(5), 1.5, 0.7), h, atol=0, rtol=0)
+    # In between it is the probability mixture.
+    mid = m.fixed_alpha(0.3)(x).exp()
+    assert torch.allclose(mid, 0.7 * g.exp() + 0.3 * h.exp(), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_output_is_a_log_probability(mode):
+    m = _composite()
+    m.train(mode == "train")
+    out = m(torch.rand(6, 3, 32, 32))
+    assert torch.allclose(out.logsumexp(1), torch.zeros(6), atol=1e-5)
+    assert bool((out <= 1e-6).all())
+    assert m.g.training is False and m.h.training is False  # frozen bases stay in eval mode
+
+
+def test_gradients_reach_the_input_through_the_mixing_network():
+    m = _composite()
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    _, gamma = m.forward_with_gamma(x)
+    (grad,) = torch.autograd.grad(gamma.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # ...and the mixture's gradient is not the fixed-alpha one: alpha(x) contributes.
+    y = torch.arange(4)
+    x2 = x.detach().clone().requires_grad_(True)
+    (g_adaptive,) = torch.autograd.grad(F.nll_loss(m(x2), y), x2)
+    a = float(m.mixing_weight(x2).mean())
+    x3 = x.detach().clone().requires_grad_(True)
+    (g_fixed,) = torch.autograd.grad(F.nll_loss(m.fixed_alpha(a)(x3), y), x3)
+    assert not torch.allclose(g_adaptive, g_fixed)
+    assert all(p.grad is None for p in [*m.g.parameters(), *m.h.parameters()])
+
+
+def test_eval_alpha_stays_in_the_configured_range():
+    m = _composite(MixingConfig(eval_scale=50.0, eval_bias=0.0, alpha_min=0.3, alpha_max=0.6))
+    m.train()
+    m(torch.rand(32, 3, 32, 32))  # give the BN some statistics
+    m.eval()
+    for scale in (0.0, 1.0, 30.0):  # saturating inputs push alpha to both ends
+        a = m.mixing_weight((torch.rand(64, 3, 32, 32) * scale).clamp(0, 1))
+        assert bool(((a >= 0.3 - 1e-6) & (a <= 0.6 + 1e-6)).all())
+    # Training mode uses the training constants and no squeeze.
+    assert MixingConfig().alpha_min == 0.0 and MixingConfig().alpha_max == 1.0
+    with pytest.raises(ConfigError):
+        MixingConfig(alpha_min=0.7, alpha_max=0.6)
+
+
+def test_no_underflow_with_a_one_hot_standard_model():
+    zg = torch.zeros(3, 10)
+    zg[:, 0] = 1e4  # softmax(g) is exactly one-hot in float32
+    zh = torch.randn(3, 10, requires_grad=True)
+    alpha = torch.full((3,), 0.2, requires_grad=True)
+    out = mix_log_probs(zg, zh, alpha)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.logsumexp(1), torch.zeros(3), atol=1e-5)
+    # log(0.8 * 0 + 0.2 * p_h) for the classes g rules out: finite, not -inf
+    assert torch.allclose(out[:, 1:], (0.2 * F.softmax(zh, 1)[:, 1:]).log(), atol=1e-5)
+    out[:, 3].sum().backward()
+    assert torch.isfinite(zh.grad).all() and torch.isfinite(alpha.grad).all()
+
+
+def test_feature_taps_find_stage_ends_and_refuse_tta():
+    assert auto_taps(create_model("small_cnn.init"), (3, 32, 32)) == ["features.4", "features.7"]
+    assert auto_taps(create_model("airbench94.init", tta_level=0), (3, 32, 32)) == ["groups.0", "groups.1"]
+    tta = create_model("airbench94.init", tta_level=2)
+    taps = FeatureTaps(tta, ["groups.0"])
+    with pytest.raises(RuntimeError, match="fired twice"):
+        taps.run(tta, torch.rand(2, 3, 32, 32))
+    tta(torch.rand(2, 3, 32, 32))  # the model called on its own is unaffected by the hooks
+    with pytest.raises(Exception, match="feature tap"):
+        FeatureTaps(tta, ["groups.9"])
+
+
+def test_checkpoint_stores_only_the_mixer_and_pins_the_bases(tmp_path):
+    for i, name in enumerate(("g", "h")):
+        save_checkpoint(_tiny(i), tmp_path / name, architecture="tiny_cnn", arch_args={}, dataset="synthetic",
+                        num_classes=10)
+    m = build_adaptive_smoothing(str(tmp_path / "g.safetensors"), str(tmp_path / "h.safetensors"), width=8)
+    m.train()
+    m(torch.rand(16, 3, 32, 32))  # move the BN statistics away from their init
+    m.eval()
+    meta = save_checkpoint(m, tmp_path / "as", architecture="adaptive_smoothing", arch_args=m.arch_args,
+                           dataset="synthetic", num_classes=10)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "as.safetensors"))
+    assert keys and not any(k.startswith(("g.", "h.")) for k in keys)
+    loaded = load_model(str(tmp_path / "as.safetensors"))
+    assert loaded.checkpoint_sha256 == meta["sha256"]
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(loaded.model(x), m(x))
+    # A different robust base under the same path: the recorded sha256 refuses it.
+    save_checkpoint(_tiny(7), tmp_path / "h", architecture="tiny_cnn", arch_args={}, dataset="synthetic",
+                    num_classes=10)
+    with pytest.raises(CheckpointError, match="robust model"):
+        load_model(str(tmp_path / "as.safetensors"))
+
+
+def test_comp_loss_labels_and_terms():
+    gamma = torch.tensor([-3.0, 3.0])
+    logp = F.log_softmax(torch.randn(2, 10), 1)
+    y = torch.tensor([1, 2])
+    loss, parts = trainer.comp_loss(gamma, torch.tensor([0.0, 1.0]), logp, y, c_bce=1, c_ce=0, c_prod=0)
+    assert loss < 0.05  # gamma low on clean (label 0) and high on attacked (label 1): small BCE
+    flipped, _ = trainer.comp_loss(gamma, torch.tensor([1.0, 0.0]), logp, y, c_bce=1, c_ce=0, c_prod=0)
+    assert flipped > 3.0
+    ce = F.nll_loss(logp, y, reduction="none")
+    bce = F.binary_cross_entropy_with_logits(gamma, torch.tensor([0.0, 1.0]), reduction="none")
+    full, _ = trainer.comp_loss(gamma, torch.tensor([0.0, 1.0]), logp, y, c_bce=1.5, c_ce=0.5, c_prod=0.2)
+    assert torch.allclose(full, (1.5 * bce + 0.5 * ce + 0.2 * bce * ce).mean())
+
+
+def test_trainer_labels_clean_0_attacked_1_and_attacks_the_composite(monkeypatch):
+    m = _composite()
+    seen = {}
+    real_loss = trainer.comp_loss
+
+    def spy(gamma, is_adv, log_probs, y, **kw):
+        seen.setdefault("is_adv", is_adv.clone())
+        return real_loss(gamma, is_adv, log_probs, y, **kw)
+
+    import robustkit.attacks.apgd as apgd_mod
+
+    real_attack = apgd_mod.randomized_attack
+
+    def attack_spy(model_fn, x, y, **kw):
+        seen.setdefault("view", (m.training, m.attack_view))
+        seen.setdefault("clean", x.clone())
+        return real_attack(model_fn, x, y, **kw)
+
+    monkeypatch.setattr(trainer, "comp_loss", spy)
+    monkeypatch.setattr(apgd_mod, "randomized_attack", attack_spy)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    trainer.train_mixing(m, x, y, eps=8 / 255, epochs=1, batch_size=8, n_targets=1, iter_lo=1, iter_hi=2,
+                         progress=False)
+    assert seen["view"] == (False, True)  # mixer in eval mode, training constants, during the attack
+    assert seen["is_adv"].tolist() == [0.0] * 8 + [1.0] * 16  # clean, APGD-CE copy, targeted copy
+    assert m.attack_view is False and m.training is False
+
+
+def test_training_moves_gamma_up_on_attacks_and_down_on_clean():
+    """Toy problem: g is an accurate but fragile model, h a constant-ish one. Training the mixer must
+    separate clean from attacked inputs in gamma (attacked -> larger gamma -> trust h)."""
+    torch.manual_seed(0)
+    from conftest import train_tiny
+
+    from robustkit.data import load_split
+
+    g = train_tiny(steps=60)
+    h = _tiny(3)
+    taps = auto_taps(g, (3, 32, 32))
+    m = MixedClassifier(g, h, mixing_net=MixingNet(16, 16, width=8), taps_g=taps, taps_h=taps,
+                        config=MixingConfig(bn_momentum=0.2)).eval()
+    x, y = load_split("synthetic", "train").tensors(96)
+
+    def separation() -> float:
+        from robustkit.attacks.apgd import apgd
+
+        adv = apgd(lambda z: F.cross_entropy(m(z), y, reduction="none"), x, 16 / 255, n_iter=5,
+                   generator=torch.Generator().manual_seed(1))
+        m.eval()
+        with torch.no_grad():
+            return float(m.forward_with_gamma(adv)[1].mean() - m.forward_with_gamma(x)[1].mean())
+
+    before = separation()
+    # BN(affine=False) fixes gamma's batch mean and spread in training: the mixer can only learn to
+    # *rank* inputs, which on this toy needs a few epochs at a high rate and a visible (16/255) attack.
+    trainer.train_mixing(m, x, y, eps=16 / 255, epochs=6, batch_size=32, lr=1e-2, n_targets=1, iter_lo=3,
+                         iter_hi=5, progress=False, warmup_frac=0.0)
+    after = separation()
+    assert after > before + 0.1, (before, after)
+
+
+def test_recipe_validation(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "x"\nepochs = 2\nn_target = 3\n')
+    with pytest.raises(ConfigError, match="n_targets"):
+        trainer.read_recipe(p)
+    p.write_text('epochs = 2\n')
+    assert trainer.read_recipe(p) == {"epochs": 2}
+    shipped = trainer.read_recipe(trainer.RECIPE)
+    assert set(shipped) <= set(trainer.OPTIONS)
+    json.dumps(shipped)

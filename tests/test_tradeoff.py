@@ -1,0 +1,192 @@
+"""The accuracy-robustness trade-off: verdict arithmetic, per-point resume, JSON + PNG, and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from robustkit.attacks import PGD
+from robustkit.cli import main
+from robustkit.errors import ConfigError
+from robustkit.eval import tradeoff as tradeoff_mod
+from robustkit.eval.tradeoff import Tradeoff, accuracy_tradeoff, parse_alphas, verdict
+from robustkit.models.adaptive_smoothing import MixedClassifier, MixingNet, auto_taps
+from robustkit.threat import ThreatModel
+
+N = 16
+
+
+# --------------------------------------------------------------------------- verdict arithmetic
+
+# (clean, robust) in alpha order: g accurate and brittle, h robust and less accurate
+CURVE = [(0.90, 0.00), (0.80, 0.30), (0.60, 0.50)]
+
+
+def test_verdict_above_interpolates_between_points():
+    v = verdict(CURVE, (0.70, 0.45), n_examples=200)
+    assert v["status"] == "above"
+    assert v["curve_robust_acc"] == pytest.approx(0.40)  # halfway from (0.8, 0.3) to (0.6, 0.5)
+    assert v["gap_points"] == pytest.approx(5.0)
+    assert v["one_example_points"] == pytest.approx(0.5)
+    assert "+5.00 points" in v["text"]
+
+
+def test_verdict_below_and_on():
+    v = verdict(CURVE, (0.85, 0.10))
+    assert v["status"] == "below" and v["gap_points"] == pytest.approx(-5.0)
+    assert v["curve_robust_acc"] == pytest.approx(0.15)
+    assert verdict(CURVE, (0.80, 0.30))["status"] == "on"  # exactly a curve point
+
+
+@pytest.mark.parametrize("clean", [0.95, 0.55])
+def test_verdict_outside_the_clean_range(clean):
+    v = verdict(CURVE, (clean, 0.9))
+    assert v["status"] == "outside" and v["gap_points"] is None and v["curve_robust_acc"] is None
+    assert v["curve_clean_range"] == [0.60, 0.90]
+    assert "outside the curve's clean range" in v["text"]
+
+
+def test_verdict_non_monotone_curve_uses_the_best_crossing():
+    wiggly = [(0.90, 0.00), (0.70, 0.40), (0.80, 0.45), (0.60, 0.50)]  # crosses clean 0.75 three times
+    v = verdict(wiggly, (0.75, 0.42))
+    assert v["curve_robust_acc"] == pytest.approx(0.4625)  # max(0.3, 0.425, 0.4625)
+    assert v["status"] == "below"
+    assert verdict([(0.8, 0.1), (0.8, 0.3)], (0.8, 0.2))["status"] == "below"  # vertical: its top
+
+
+def test_parse_alphas():
+    assert parse_alphas("1, 0,0.5") == [0.0, 0.5, 1.0]
+    for bad, needle in (("0,1.5", "outside"), ("0,,1", "empty"), ("a", "not a number"), ("0.5,0.5", "twice")):
+        with pytest.raises(ConfigError, match=needle):
+            parse_alphas(bad)
+
+
+# --------------------------------------------------------------------------- on tiny models
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[torch.Tensor, torch.Tensor]:
+    from robustkit.data import load_split
+
+    return load_split("synthetic", "test").tensors(N)
+
+
+def _bases(tiny_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """g: the trained tiny model (a copy: a mixture freezes its base models); h: a weaker one."""
+    from conftest import train_tiny
+
+    return copy.deepcopy(tiny_model), train_tiny(steps=30, seed=1)
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_model) -> MixedClassifier:
+    """The real composite; an untrained mixing net still gives an input-dependent alpha."""
+    g, h = _bases(tiny_model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = MixingNet(16, 16, width=8)
+    return MixedClassifier(g, h, mixing_net=net, taps_g=auto_taps(g, (3, 32, 32)),
+                           taps_h=auto_taps(h, (3, 32, 32))).eval()
+
+
+def _pgd() -> PGD:
+    return PGD(ThreatModel("Linf", 2 / 255), steps=2)
+
+
+def test_tradeoff_rows_json_png_and_resume(mixed, data, tmp_path, monkeypatch):
+    x, y = data
+    kwargs = dict(points_dir=tmp_path / "pts", batch_size=8, device="cpu", seed=1, progress=False,
+                  model_name="mix", attack_name="pgd", dataset="synthetic", command="robustkit tradeoff ...")
+    t = accuracy_tradeoff(mixed, _pgd, "0,0.5,1", x, y, **kwargs)
+    assert [(r.kind, r.alpha, r.label) for r in t.rows] == [
+        ("g", 0.0, "g"), ("h", 1.0, "h"), ("fixed", 0.5, "alpha_0.5"), ("adaptive", None, "adaptive")]
+    assert not any(r.reused for r in t.rows)
+    assert [r.label for r in t.curve_rows()] == ["g", "alpha_0.5", "h"]
+    assert t.verdict["status"] in ("above", "below", "on", "outside") and t.verdict["text"]
+    for r in t.rows:
+        assert 0.0 <= r.robust_acc <= r.clean_acc <= 1.0
+        res = json.loads((tmp_path / "pts" / f"{r.label}.json").read_text())
+        assert res["schema"] == "robustkit.eval-result" and res["n_examples"] == N
+        assert (tmp_path / "pts" / f"{r.label}.records.jsonl").exists()
+    # g's row is g itself: same clean accuracy as evaluating the base model directly
+    from robustkit.eval import evaluate
+    direct = evaluate(mixed.g, None, x, y, batch_size=8, device="cpu", progress=False)
+    assert t.rows[0].clean_acc == direct.clean_accuracy
+
+    d = json.loads(t.save(tmp_path / "t.json").read_text())
+    assert d["schema"] == "robustkit.tradeoff" and d["schema_version"] == 1
+    for key in ("model", "attack", "attack_config", "norm", "eps", "dataset", "n_examples", "seed", "alphas",
+                "rows", "verdict", "command", "provenance", "data", "timing"):
+        assert key in d, key
+    assert set(d["rows"][0]) >= {"kind", "alpha", "clean_acc", "robust_acc", "result", "seconds"}
+    assert Tradeoff.load(tmp_path / "t.json") == t
+    png = t.plot(tmp_path / "t.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1024
+    assert "verdict:" in t.summary() and "alpha(x)" in t.summary()
+
+    def no_eval(*args, **kw):
+        raise AssertionError("a finished point was evaluated again")
+
+    monkeypatch.setattr(tradeoff_mod, "evaluate", no_eval)
+    again = accuracy_tradeoff(mixed, _pgd, "0,0.5,1", x, y, **kwargs)
+    assert all(r.reused for r in again.rows)
+    assert [(r.clean_acc, r.robust_acc) for r in again.rows] == [(r.clean_acc, r.robust_acc) for r in t.rows]
+    with pytest.raises(AssertionError, match="evaluated again"):  # a different seed is a new evaluation
+        accuracy_tradeoff(mixed, _pgd, "0,0.5,1", x, y, **{**kwargs, "seed": 2})
+
+
+def test_check_endpoints_evaluates_mixed_alpha_0_and_1(mixed, data):
+    x, y = data
+    t = accuracy_tradeoff(mixed, _pgd, [0.0, 1.0], x, y, check_endpoints=True, batch_size=16,
+                          device="cpu", progress=False, model_name="mix")
+    assert [r.label for r in t.rows] == ["g", "h", "alpha_0", "alpha_1", "adaptive"]
+    assert [r.label for r in t.curve_rows()] == ["alpha_0", "alpha_1"]
+    assert [c["reference"] for c in t.endpoint_checks] == ["g", "h"]
+    assert all(c["clean_flags_equal"] for c in t.endpoint_checks)  # same argmax on every input
+
+
+def test_refuses_a_plain_model(tiny_model, data):
+    x, y = data
+    with pytest.raises(ConfigError, match="not a MixedClassifier"):
+        accuracy_tradeoff(tiny_model, _pgd, "0.5", x, y, device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_json_png_and_points(mixed, tmp_path, monkeypatch, capsys):
+    from robustkit import models
+    from robustkit.models.base import LoadedModel
+
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: LoadedModel(
+        mixed, name, "synthetic", 10, None, {"architecture": "adaptive_smoothing"}))
+    out_dir = tmp_path / "tr"
+    code = main(["tradeoff", "--model", "mix_test", "--alphas", "0.5", "--attack", "pgd", "--attack-arg",
+                 "steps=1", "--eps", "2/255", "--n-examples", "8", "--batch-size", "8", "--device", "cpu",
+                 "--no-progress", "--out-dir", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    d = json.loads((out_dir / "mix_test__pgd__n8.json").read_text())
+    assert [r["kind"] for r in d["rows"]] == ["g", "h", "fixed", "adaptive"]
+    assert d["command"].startswith("robustkit tradeoff --model mix_test --alphas 0.5 --attack pgd")
+    assert "--attack-arg=steps=1" in d["command"] and d["attack_config"]["steps"] == 1
+    assert (out_dir / "mix_test__pgd__n8.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out_dir / "mix_test__pgd__n8.points").glob("*.json")) == [
+        "adaptive.json", "alpha_0.5.json", "g.json", "h.json"]
+    assert "verdict:" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "tiny_cnn.init", "--dataset", "synthetic"], "not a MixedClassifier"),
+    (["--model", "tiny_cnn.init", "--alphas", "0,2"], "outside [0, 1]"),
+    (["--model", "tiny_cnn.init", "--attack", "none"], "needs an attack"),
+])
+def test_cli_bad_input_is_one_line_exit_2(capsys, argv, needle):
+    code = main(["tradeoff", *argv, "--device", "cpu", "--no-progress"])
+    _, err = capsys.readouterr()
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("robustkit: error:"), err
+    assert needle in lines[0]
