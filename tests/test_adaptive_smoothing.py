@@ -237,3 +237,24 @@ def test_recipe_validation(tmp_path):
     shipped = trainer.read_recipe(trainer.RECIPE)
     assert set(shipped) <= set(trainer.OPTIONS)
     json.dumps(shipped)
+
+
+def test_shipped_default_model_is_the_recipe_and_reproduces_its_card(real_data_dir):
+    """`adaptive_smoothing` (no tag) is the shipped composite: airbench94 tta0 + ltd, both sha256-pinned,
+    the recipe's deployed constants, and 159 / 200 clean on the first real test images (the card)."""
+    from robustkit.data import load_split
+    from robustkit.models.airbench import AirbenchNet
+    from robustkit.models.ltd_student import LTDStudent
+
+    loaded = load_model("adaptive_smoothing")
+    m = loaded.model
+    assert loaded.name == "adaptive_smoothing.cifar10_partial"
+    assert isinstance(m, MixedClassifier) and isinstance(m.g, AirbenchNet) and isinstance(m.h, LTDStudent)
+    recipe = trainer.read_recipe(trainer.RECIPE)
+    assert m.config.eval_bias == recipe["eval_bias"] and m.config.train_bias == recipe["train_bias"]
+    assert loaded.metadata["arch_args"]["std_sha256"].startswith("e44ecb70")
+    x, y = load_split("cifar10", "test", data_dir=real_data_dir).tensors(200)
+    with torch.no_grad():
+        assert int((m(x).argmax(1) == y).sum()) == 159
+        a = m.mixing_weight(x)
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0

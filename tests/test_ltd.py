@@ -263,3 +263,18 @@ def test_recipe_unknown_key_fails_with_close_match(tmp_path: Path, capsys: pytes
     bad.write_text('teacher = "small_cnn.cifar10_partial"\n')
     assert main(["train", "trades", "--recipe", str(bad), "--out", "x"]) == 2
     assert "belongs to method ltd" in capsys.readouterr().err
+
+
+def test_shipped_ltd_is_the_recipe_and_reproduces_its_accuracy(real_data_dir: Path) -> None:
+    """`ltd.cifar10_partial` is base / 2 of a width-16 SmallCNN trained by defenses/ltd.toml, and its
+    clean accuracy on the first 200 real test images is what the card says (94 / 200)."""
+    from robustkit.data import load_split
+
+    loaded = load_model("ltd.cifar10_partial")
+    assert isinstance(loaded.model, LTDStudent) and loaded.model.tau_s == 2.0
+    training = loaded.metadata["training"]
+    assert training["recipe"]["tau_t"] == 0.5 and training["framework"] == "trades"
+    assert training["data"]["n_train"] == 5438
+    x, y = load_split("cifar10", "test", data_dir=real_data_dir).tensors(200)
+    with torch.no_grad():
+        assert int((loaded.model(x).argmax(1) == y).sum()) == 94

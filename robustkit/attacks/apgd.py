@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from robustkit.attacks.adaptive import gamma_bce, targeted_dlr_loss
 from robustkit.errors import ConfigError
 
 __all__ = ["AttackDraw", "apgd", "apgd_checkpoints", "dlr_targeted_loss", "randomized_attack"]
@@ -239,16 +240,13 @@ def apgd(
 
 
 def dlr_targeted_loss(z: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Targeted DLR (Croce & Hein 2020): ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2 + 1e-12)``.
+    """Targeted DLR (Croce & Hein 2020), AutoAttack's definition, with a clear error below 4 classes.
 
-    Shift- and scale-invariant in ``z``, so log-probabilities work as logits. Needs >= 4 classes.
+    Shift- and scale-invariant in ``z``, so log-probabilities work as logits.
     """
     if z.shape[1] < 4:
         raise ConfigError(f"targeted DLR needs at least 4 classes, got {z.shape[1]}")
-    zs = z.sort(dim=1, descending=True).values
-    z_y = z.gather(1, y.view(-1, 1)).squeeze(1)
-    z_t = z.gather(1, target.view(-1, 1)).squeeze(1)
-    return -(z_y - z_t) / (zs[:, 0] - 0.5 * (zs[:, 2] + zs[:, 3]) + 1e-12)
+    return targeted_dlr_loss(z, y, target)
 
 
 @dataclass(frozen=True)
@@ -337,7 +335,7 @@ def randomized_attack(
         def loss_fn(xa: torch.Tensor, w: torch.Tensor = w, target: torch.Tensor | None = target) -> torch.Tensor:
             z, gamma = model_fn(xa)
             base = F.cross_entropy(z, y, reduction="none") if target is None else dlr_targeted_loss(z, y, target)
-            bce = F.binary_cross_entropy_with_logits(gamma, torch.ones_like(gamma), reduction="none")
+            bce = gamma_bce(gamma)
             return (1.0 - w) * base + w * bce
 
         x_adv = apgd(loss_fn, x, eps_k, n_iter=n_iter, norm=norm, generator=generator)

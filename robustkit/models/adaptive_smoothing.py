@@ -38,6 +38,8 @@ from robustkit.models.base import Weights, load_model, register_model
 
 DEFAULT_STD = "airbench94.cifar10_partial_tta0"
 DEFAULT_ROBUST = "ltd.cifar10_partial"
+# sha256 of robustkit/weights/adaptive_smoothing.cifar10_partial.safetensors (the mixing network only).
+ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_SHA256 = "86828fc738248534a2e54e91d5531892063b9cb11bdf94c12d6b3fd66632b685"
 
 
 # --------------------------------------------------------------------------------------------
@@ -460,8 +462,15 @@ def _register() -> None:
         dataset="cifar10",
         num_classes=10,
         input_shape=(3, 32, 32),
-        tags={},
-        default_tag=None,
+        tags={
+            "cifar10_partial": Weights(
+                file="adaptive_smoothing.cifar10_partial",
+                sha256=ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_SHA256,
+                description="mixing network for airbench94.cifar10_partial_tta0 + ltd.cifar10_partial, trained "
+                            "on the 5,438 real CIFAR-10 train images (defenses/adaptive_smoothing.toml)",
+            )
+        },
+        default_tag="cifar10_partial",
     )
 
 

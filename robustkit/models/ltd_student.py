@@ -23,7 +23,10 @@ import torch
 from torch import nn
 
 from robustkit.errors import ConfigError
-from robustkit.models.base import model_info, register_model
+from robustkit.models.base import Weights, model_info, register_model
+
+# sha256 of robustkit/weights/ltd.cifar10_partial.safetensors (verified on every load).
+LTD_CIFAR10_PARTIAL_SHA256 = "b2245ced0af24f098ddda068d06cdee5edc069bfe8f23bcaf3bfd870a42e4dfa"
 
 
 class LTDStudent(nn.Module):
@@ -65,6 +68,15 @@ def _register() -> None:
         dataset="cifar10",
         num_classes=10,
         input_shape=(3, 32, 32),
+        tags={
+            "cifar10_partial": Weights(
+                file="ltd.cifar10_partial",
+                sha256=LTD_CIFAR10_PARTIAL_SHA256,
+                description="LTD-TRADES SmallCNN (width 16, tau_t 0.5, tau_s 2) on the 5,438 real CIFAR-10 "
+                            "train images; recipe defenses/ltd.toml, card defenses/cards/ltd.cifar10_partial.md",
+            )
+        },
+        default_tag="cifar10_partial",
     )
 
 
