@@ -238,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mixer-from", metavar="CKPT",
+                   help="skip training: take the mixing network of this adaptive_smoothing checkpoint and "
+                        "re-deploy it with this recipe's deployed constants (eval_*, alpha_*), which never "
+                        "affect training; the base models must be the same")
     for key, (_default, typ, help_) in OPTIONS.items():
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=typ, default=None, help=help_)
     return p
@@ -278,9 +282,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_keys = ("epochs", "batch_size", "lr", "weight_decay", "warmup_frac", "grad_clip", "eps_lo", "eps_hi",
                   "n_targets", "iter_lo", "iter_hi", "w_max", "c_bce", "c_ce", "c_prod", "clean_weight", "seed")
     t0 = time.perf_counter()
-    logs = train_mixing(model, x, y, eps=eps, device=dev, progress=not args.no_progress,
-                        **{k: cfg[k] for k in train_keys})
-    seconds = time.perf_counter() - t0
+    source: dict[str, Any] | None = None
+    if args.mixer_from:
+        from robustkit.models.base import load_model
+
+        src = load_model(args.mixer_from)
+        if src.metadata.get("architecture") != "adaptive_smoothing":
+            raise ConfigError(f"--mixer-from {args.mixer_from} is not an adaptive_smoothing checkpoint")
+        for key in ("std_sha256", "robust_sha256", "width", "taps_std", "taps_robust"):
+            if src.metadata["arch_args"].get(key) != model.arch_args[key]:
+                raise ConfigError(f"--mixer-from {args.mixer_from}: {key} differs from this recipe's composite")
+        model.load_state_dict(src.model.state_dict())
+        src_training = src.metadata.get("training", {})
+        logs, seconds = src_training.get("epochs_log", []), float(src_training.get("train_seconds", 0.0))
+        source = {"path": str(args.mixer_from), "sha256": src.checkpoint_sha256,
+                  "training_command": src_training.get("command")}
+        print(f"mixing network taken from {args.mixer_from} (sha256 {src.checkpoint_sha256}); no training")
+    else:
+        logs = train_mixing(model, x, y, eps=eps, device=dev, progress=not args.no_progress,
+                            **{k: cfg[k] for k in train_keys})
+        seconds = time.perf_counter() - t0
     test = load_split(cfg["dataset"], "test", data_dir=args.data_dir)
     xv, yv = test.tensors(cfg["val_n"])
     val = validate(model, xv, yv, eps, dev, seed=cfg["seed"])
@@ -292,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                            "source": train.source},
         "command": "robustkit train adaptive_smoothing " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "provenance": provenance(dev),
+        "mixer_from": source,
     }
     meta = save_checkpoint(model, args.out, architecture="adaptive_smoothing", arch_args=model.arch_args,
                            dataset=cfg["dataset"], num_classes=10, training=training,
