@@ -22,6 +22,16 @@ def real_data_dir() -> Path:
     return SHARED_PARTIAL
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny models: on a shared 2-core CPU, extra OpenMP threads wait
+    on each other (measured 10x slower with 2 threads on 2 busy cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def train_tiny(steps: int = 150, seed: int = 0) -> torch.nn.Module:
     """TinyCNN trained briefly on the synthetic set: accurate but not robust, so attacks have work."""
     from robustkit.data import load_split

@@ -23,13 +23,8 @@ from robustkit.models.adaptive_smoothing import (
 )
 from robustkit.training import adaptive_smoothing as trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny models on a shared CPU: extra OpenMP threads only wait on each other (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int) -> torch.nn.Module:

@@ -29,13 +29,8 @@ from robustkit.training.adversarial import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared CPU: extra OpenMP threads only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared CPU: extra OpenMP threads only wait on each other (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_bn_cnn(seed: int = 0) -> nn.Module:

@@ -43,12 +43,8 @@ def synth() -> tuple[torch.Tensor, torch.Tensor]:
     return load_split("synthetic", "train").tensors(384)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared CPU: extra OpenMP threads only wait on each other (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **kw) -> AirbenchNet:

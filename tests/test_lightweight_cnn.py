@@ -33,14 +33,8 @@ PAPER_PARAMS = 14_862
 TINY = Recipe(batch_size=32, stage1_epochs=1, phase_epochs=(1, 1, 1, 1))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a shared CPU extra OpenMP threads wait on
-    each other (measured 10x slower with 2 threads on 2 busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared CPU: extra OpenMP threads only wait on each other (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digits(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,12 +21,8 @@ from robustkit.training.ltd import ltd_targets, soft_labels, teacher_stats
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared CPU: extra OpenMP threads only wait on each other (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

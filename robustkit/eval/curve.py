@@ -240,23 +240,28 @@ class Curve:
         ax.legend(fontsize="small", loc="best")
         ax.set_title(f"{self.model} | {self.attack} | {self.dataset} (n={self.n_examples})", fontsize="medium")
         fig.tight_layout()
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot is for sharing
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return p
+        return save_figure_atomic(fig, path)
 
 
 # --------------------------------------------------------------------------- running
+
+
+def save_figure_atomic(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG via a temp file + rename: a killed run never leaves half a plot."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot is for sharing
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
 
 
 def robustness_curve(

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,7 @@ from torch import nn
 
 from robustkit.attacks.base import Attack
 from robustkit.errors import ConfigError
+from robustkit.eval.curve import save_figure_atomic
 from robustkit.eval.harness import evaluate, tensor_fingerprint
 from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
 from robustkit.threat import format_eps
@@ -251,20 +250,7 @@ class Tradeoff:
         ax.legend(fontsize="small", loc="best")
         ax.set_title(f"{self.model} | {self.attack} | {self.dataset} (n={self.n_examples})", fontsize="medium")
         fig.tight_layout()
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot is for sharing
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return p
+        return save_figure_atomic(fig, path)
 
 
 # --------------------------------------------------------------------------- running

@@ -30,7 +30,6 @@ import math
 import shlex
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -213,15 +212,11 @@ def validate(model: Any, x: torch.Tensor, y: torch.Tensor, eps: float, device: t
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A TOML recipe: keys are :data:`OPTIONS` names (``name``/``description``/``method`` describe it)."""
+    from robustkit.training.cli import read_toml
+
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"recipe not found: {p}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"malformed recipe {p}: {e}") from None
     out = {}
-    for k, v in data.items():
+    for k, v in read_toml(p).items():
         if k in ("name", "description", "method"):
             continue
         if k not in OPTIONS:

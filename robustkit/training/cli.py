@@ -193,16 +193,22 @@ def _coerce(method: str, key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {key} = {value!r} is not valid; expected {why}") from None
 
 
-def read_recipe(path: str | Path, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Read a recipe file; return ``(options, arch_args)``. Unknown keys are errors (with close
-    matches): a typo silently falling back to a default would mislabel a whole training run."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A recipe file's TOML, with one-line errors for a missing or malformed file."""
     p = Path(path)
     try:
-        data = tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_text())
     except FileNotFoundError:
         raise ConfigError(f"recipe not found: {p}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"malformed recipe {p}: {e}") from None
+
+
+def read_recipe(path: str | Path, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a recipe file; return ``(options, arch_args)``. Unknown keys are errors (with close
+    matches): a typo silently falling back to a default would mislabel a whole training run."""
+    p = Path(path)
+    data = read_toml(p)
     if "method" in data and data["method"] != method:
         raise ConfigError(f"recipe {p} is for method {data['method']!r}, not {method!r}; "
                           f"run `robustkit train {data['method']} --recipe {p}`")
