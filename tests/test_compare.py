@@ -29,7 +29,10 @@ def _result(path: Path, clean: float, robust: float, square_broke: int) -> None:
               {"name": "square", "accuracy": robust, "n_broken": square_broke}]
     path.write_text(json.dumps({"schema": "robustkit.eval-result", "schema_version": 1, "n_examples": 1000,
                                 "clean_accuracy": clean, "robust_accuracy": robust, "stages": stages,
-                                "timing": {"total_seconds": 60.0}}))
+                                "timing": {"total_seconds": 60.0},
+                                # per-example flags with exactly these accuracies (first k examples)
+                                "clean_flags": "1" * round(1000 * clean) + "0" * (1000 - round(1000 * clean)),
+                                "robust_flags": "1" * round(1000 * robust) + "0" * (1000 - round(1000 * robust))}))
 
 
 def test_ablation_picks_best_holdout_pgd_then_clean(tmp_path: Path) -> None:
@@ -61,6 +64,20 @@ def test_comparison_table_reads_checkpoints_and_results(tmp_path: Path) -> None:
     md = (tmp_path / "table.md").read_text()
     assert "| trades+ltd | 57.00% | **32.00%** | 34.00% | 0 / 0 |" in md
     assert (tmp_path / "table.png").stat().st_size > 1000
+    # paired test: pgd-at+ltd is robust on 310 = pgd-at's 300 plus 10 more, so 10 discordant pairs, all
+    # one way: exact two-sided p = 2 / 2**10.
+    t = {x["b"]: x for x in table["paired_tests"]}["pgd-at+ltd"]["robust"]
+    assert t == {"only_a": 0, "only_b": 10, "p_value": 2 / 2**10}
+    assert "flags" not in " ".join(rows["trades"])  # per-example flags stay in the result files
+
+
+def test_mcnemar_exact_matches_hand_computed_values() -> None:
+    assert compare.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0  # no discordant pair
+    # 3 discordant, split 1 / 2: p = 2 * (C(3,0) + C(3,1)) / 8 = 1, capped at 1
+    r = compare.mcnemar_exact([True, False, False, True], [False, True, True, True])
+    assert (r["only_a"], r["only_b"], r["p_value"]) == (1, 2, 1.0)
+    # 6 discordant all one way: p = 2 / 64
+    assert compare.mcnemar_exact([False] * 6, [True] * 6)["p_value"] == 2 / 64
 
 
 def test_unknown_run_lists_choices(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -80,7 +81,46 @@ def _row(name: str, ckpt_json: Path, result_json: Path) -> dict[str, Any]:
         "fab_t_broke": stages.get("fab-t", {}).get("n_broken"),
         "eval_wall_s": res.get("timing", {}).get("total_seconds"),
         "result": result_json.name,
+        "robust_flags": res["robust_flags"],
+        "clean_flags": res["clean_flags"],
     }
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+    """Exact two-sided McNemar test on paired per-example flags (same images, two models).
+
+    Why paired: on the same 1,000 images most examples are robust (or not) for both models, so the
+    unpaired +-2.7-point binomial interval of each accuracy badly overstates the noise of a difference.
+    Only the discordant examples carry information: ``only_b`` robust under b alone, ``only_a`` under a.
+    """
+    if len(a) != len(b):
+        raise ValueError("paired flags must have the same length")
+    only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
+    return {"only_a": only_a, "only_b": only_b, "p_value": p}
+
+
+def paired_tests(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Framework vs framework+LTD, robust and clean flags, for every pair present in ``rows``."""
+    by_name = {r["run"]: r for r in rows}
+    out = []
+    for base in ("pgd-at", "trades"):
+        a, b = by_name.get(base), by_name.get(base + "+ltd")
+        if a is None or b is None:
+            continue
+        pa = {k: _bools(a[k]) for k in ("robust_flags", "clean_flags")}
+        pb = {k: _bools(b[k]) for k in ("robust_flags", "clean_flags")}
+        out.append({"a": base, "b": base + "+ltd",
+                    "robust": mcnemar_exact(pa["robust_flags"], pb["robust_flags"]),
+                    "clean": mcnemar_exact(pa["clean_flags"], pb["clean_flags"])})
+    return out
+
+
+def _bools(flags: str | Sequence[Any]) -> list[bool]:
+    """Result JSONs store per-example flags as a '0'/'1' string."""
+    return [c == "1" for c in flags] if isinstance(flags, str) else [bool(v) for v in flags]
 
 
 def render_markdown(rows: list[dict[str, Any]], command: str) -> str:
@@ -95,8 +135,14 @@ def render_markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"{100 * r['apgd_ce_acc']:.2f}% | {late} | {r['train_wall_s'] or 0:.0f} s |"
         )
     n = rows[0]["n_examples"] if rows else 0
-    lines += ["", f"Standard AutoAttack, Linf 8/255, first {n} real CIFAR-10 test images, seed 0.",
-              f"Reproduce: `{command}`"]
+    lines += ["", f"Standard AutoAttack, Linf 8/255, first {n} real CIFAR-10 test images, seed 0."]
+    for t in paired_tests(rows):
+        r, c = t["robust"], t["clean"]
+        lines.append(
+            f"{t['b']} vs {t['a']} on the same images (exact McNemar): robust under {t['b']} only "
+            f"{r['only_b']}, under {t['a']} only {r['only_a']} (p = {r['p_value']:.2g}); clean: "
+            f"{c['only_b']} vs {c['only_a']} (p = {c['p_value']:.2g}).")
+    lines.append(f"Reproduce: `{command}`")
     return "\n".join(lines) + "\n"
 
 
@@ -247,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(_row(name, ckpt, result))
 
     table = {"schema": "robustkit.ltd_comparison", "schema_version": 1, "command": command,
-             "shared_train_overrides": shared, "device": args.device, "rows": rows}
+             "shared_train_overrides": shared, "device": args.device,
+             "rows": [{k: v for k, v in r.items() if not k.endswith("_flags")} for r in rows],
+             "paired_tests": paired_tests(rows)}
     from robustkit.eval.results import write_json_atomic
 
     write_json_atomic(out / "table.json", table)
