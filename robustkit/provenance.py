@@ -83,3 +83,19 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "command": sys.argv if sys.argv and sys.argv[0] else None,
     }
+
+
+def training_run(device: object, wall: float, cpu: float) -> dict[str, Any]:
+    """Where and how long a training run ran, as every trainer's checkpoint metadata records it.
+
+    ``cpu_time_s`` is summed over threads, so wall time grows while CPU time stays put when the
+    machine is shared: both are recorded so a slow run can be told from a contended one.
+    """
+    return {
+        "wall_time_s": round(wall, 1),
+        "cpu_time_s": round(cpu, 1),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "torch_version": torch.__version__,
+    }

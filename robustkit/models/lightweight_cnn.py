@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +59,7 @@ from torch import nn
 
 from robustkit.errors import ConfigError
 from robustkit.models.base import Normalize, Weights, register_model
+from robustkit.provenance import training_run
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_WIDTHS = (8, 16, 20)
@@ -760,12 +760,7 @@ def train(
         "data": {"dataset": dataset, "source": str(train_split.source), "n_train": len(x_train),
                  "holdout": holdout, "n_eval": len(x_test), "eval_split": eval_split},
         "seed": seed,
-        "wall_time_s": round(wall, 1),
-        "cpu_time_s": round(cpu, 1),  # summed over threads
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "torch_version": torch.__version__,
+        **training_run(device, wall, cpu),
         "command": command,
     }
     meta = {"architecture": "lightweight_cnn", "arch_args": arch_args, "training": training,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from torch import nn
 
 from robustkit.errors import ConfigError
 from robustkit.models.base import Normalize, Weights, register_model
+from robustkit.provenance import training_run
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -525,12 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "holdout": args.holdout,
         },
         "seed": args.seed,
-        "wall_time_s": round(wall, 1),
-        "cpu_time_s": round(cpu, 1),  # summed over threads; wall time grows if the CPU is shared
-        "device": str(args.device),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "torch_version": torch.__version__,
+        **training_run(args.device, wall, cpu),
         "epochs_log": logs,
         "command": "python -m robustkit.models.small_cnn "
                    + " ".join(argv if argv is not None else __import__("sys").argv[1:]),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import platform
 import shlex
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from robustkit.errors import ConfigError, close_matches_hint
+from robustkit.provenance import training_run
 from robustkit.threat import format_eps, parse_eps
 from robustkit.training.adversarial import (
     FRAMEWORKS,
@@ -553,12 +553,7 @@ def main(method: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
             "n_test": len(x_test),
         },
         "seed": cfg["seed"],
-        "wall_time_s": round(wall, 1),
-        "cpu_time_s": round(cpu, 1),  # summed over threads; wall time grows if the CPU is shared
-        "device": str(args.device),
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "torch_version": torch.__version__,
+        **training_run(args.device, wall, cpu),
         "epochs_log": logs,
         "command": f"robustkit train {method} " + shlex.join(argv),
     }
