@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustkit.errors import ConfigError, DataError, InputRangeError, UnknownNameError
-from robustkit.registry import Registry
+from robustkit.core.errors import ConfigError, DataError, InputRangeError, UnknownNameError
+from robustkit.core.registry import Registry
 
 __all__ = [
     "DATASETS", "ArraySplit", "DataError", "DatasetInfo", "InputRangeError", "UnknownNameError",

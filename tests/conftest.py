@@ -64,7 +64,7 @@ def tiny_model() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model: torch.nn.Module) -> Path:
     """The tiny model as a robustkit checkpoint (for CLI tests)."""
-    from robustkit.checkpoint import save_checkpoint
+    from robustkit.core.checkpoint import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_checkpoint(tiny_model, path, architecture="tiny_cnn", dataset="synthetic", num_classes=10,

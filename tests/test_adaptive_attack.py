@@ -17,11 +17,11 @@ from torch import nn
 from robustkit.attacks import AdaptiveAutoAttack, AutoAttack, attack_from_config, create_attack
 from robustkit.attacks.adaptive import GammaLossModel, dlr_loss, targeted_dlr_loss
 from robustkit.cli import main
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import ThreatModel
 from robustkit.eval import evaluate
 from robustkit.eval.counting import PassCounter
 from robustkit.models import create_model
-from robustkit.threat import ThreatModel
 
 CPU = torch.device("cpu")
 SIDE = 12

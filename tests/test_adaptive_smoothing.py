@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustkit.checkpoint import save_checkpoint
-from robustkit.errors import CheckpointError, ConfigError
+from robustkit.core.checkpoint import save_checkpoint
+from robustkit.core.errors import CheckpointError, ConfigError
 from robustkit.models import create_model, load_model
 from robustkit.models.adaptive_smoothing import (
     FeatureTaps,
@@ -21,7 +21,7 @@ from robustkit.models.adaptive_smoothing import (
     build_adaptive_smoothing,
     mix_log_probs,
 )
-from robustkit.training import adaptive_smoothing as trainer
+from robustkit.train import adaptive_smoothing as trainer
 
 # Tiny models on a shared CPU: extra OpenMP threads only wait on each other (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""robustkit.training.adversarial: losses, inner maximisation (ball, box, BN mode, no .grad side
+"""robustkit.train.adversarial: losses, inner maximisation (ball, box, BN mode, no .grad side
 effects), AWP round trip, reproducibility, a toy problem where adversarial training must buy
 robustness, and the `robustkit train pgd-at/trades/fast-at` command line."""
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit.models.base import Normalize
-from robustkit.training.adversarial import (
+from robustkit.train.adversarial import (
     AWP,
     evaluate_pgd,
     framework_loss,
@@ -284,7 +284,7 @@ def test_cli_pgd_at_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert meta["metrics"]["n"] == 24 and "pgd10_linf_8_255_acc" in meta["metrics"]
     loaded = load_model(str(out) + ".safetensors")
     x, _ = _data(8)
-    from robustkit.checkpoint import load_checkpoint
+    from robustkit.core.checkpoint import load_checkpoint
 
     state, _ = load_checkpoint(str(out) + ".safetensors")
     reference = load_model("tiny_cnn.init", width=4, mean=[0.5] * 3, std=[0.25] * 3).model

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit.attacks.apgd import AttackDraw, apgd, apgd_checkpoints, dlr_targeted_loss, randomized_attack
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 
 N_CLASSES = 10
 

@@ -11,8 +11,8 @@ from torch import nn
 from robustkit.attacks.base import Attack, perturbation_norms
 from robustkit.attacks.foolbox_adapter import FoolboxAttack, foolbox_attack_names
 from robustkit.attacks.pgd import FGSM, PGD, per_example_loss
-from robustkit.errors import ConfigError, UnknownNameError
-from robustkit.threat import ThreatModel
+from robustkit.core.errors import ConfigError, UnknownNameError
+from robustkit.core.threat import ThreatModel
 
 LINF = ThreatModel("Linf", 8 / 255)
 L2 = ThreatModel("L2", 0.5)

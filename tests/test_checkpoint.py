@@ -7,8 +7,8 @@ import collections
 import pytest
 import torch
 
-from robustkit.checkpoint import load_foreign_state_dict
-from robustkit.errors import CheckpointError
+from robustkit.core.checkpoint import load_foreign_state_dict
+from robustkit.core.errors import CheckpointError
 
 
 def test_unwraps_nested_containers_and_prefixes(tmp_path):

@@ -21,8 +21,8 @@ from PIL import Image
 
 import robustkit.data as data
 from robustkit.cli import main
+from robustkit.core.errors import ConfigError, DataError
 from robustkit.data import CIFAR10_CLASSES, dataset_info, list_datasets, load_split
-from robustkit.errors import ConfigError, DataError
 
 SPLITS = ("train", "valid", "test")
 DUP_CLASS = 3  # cat: its second ImageNet image is an exact copy of its first

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from robustkit.training import compare
+from robustkit.train import compare
 
 
 def _ckpt(path: Path, method: str, framework: str, val_clean: float, val_pgd: float, **recipe) -> None:
@@ -81,7 +81,7 @@ def test_mcnemar_exact_matches_hand_computed_values() -> None:
 
 
 def test_unknown_run_lists_choices(tmp_path: Path) -> None:
-    from robustkit.errors import UnknownNameError
+    from robustkit.core.errors import UnknownNameError
 
     with pytest.raises(UnknownNameError, match="trades"):
         compare.main(["--runs", "tradez", "--out-dir", str(tmp_path)])

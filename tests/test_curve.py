@@ -11,10 +11,10 @@ import torch
 from robustkit.attacks import PGD
 from robustkit.attacks.base import Attack
 from robustkit.cli import main
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import ThreatModel
 from robustkit.eval import evaluate, robustness_curve
 from robustkit.eval.curve import Curve, CurveWarning, analyse, eps_labels, parse_eps_spec
-from robustkit.threat import ThreatModel
 
 N = 64
 

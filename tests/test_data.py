@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import robustkit.data as data
+from robustkit.core.errors import ConfigError, DataError, InputRangeError, UnknownNameError
 from robustkit.data import (
     ArraySplit,
     dataset_info,
@@ -20,7 +21,6 @@ from robustkit.data import (
     load_split,
     resolve_data_dir,
 )
-from robustkit.errors import ConfigError, DataError, InputRangeError, UnknownNameError
 
 PARTIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "partial"
 

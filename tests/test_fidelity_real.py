@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from robustkit.bench import bare_autoattack
+from robustkit.attacks.autoattack import bare_autoattack
 from robustkit.cli import main
 from robustkit.data import load_split
 from robustkit.models import create_model

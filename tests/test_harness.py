@@ -12,7 +12,7 @@ import torch
 
 from robustkit import create_attack, evaluate
 from robustkit.attacks.base import Attack
-from robustkit.errors import BudgetViolationError, ConfigError, InputRangeError
+from robustkit.core.errors import BudgetViolationError, ConfigError, InputRangeError
 from robustkit.eval import EvalResult
 
 # All four standard stages, shortened so the test takes seconds (version='custom' keeps
@@ -140,7 +140,7 @@ class _OutOfBox(Attack):
 
 
 def test_budget_violations_fail_loudly(tiny_model, synthetic_test):
-    from robustkit.threat import ThreatModel
+    from robustkit.core.threat import ThreatModel
 
     x, y = synthetic_test[0][:8], synthetic_test[1][:8]
     with pytest.raises(BudgetViolationError, match="eps"):

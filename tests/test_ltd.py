@@ -15,8 +15,8 @@ from torch import nn
 
 from robustkit.models import create_model, load_model
 from robustkit.models.ltd_student import LTDStudent
-from robustkit.training.adversarial import framework_loss, kl_div, soft_cross_entropy, train
-from robustkit.training.ltd import ltd_targets, soft_labels, teacher_stats
+from robustkit.train.adversarial import framework_loss, kl_div, soft_cross_entropy, train
+from robustkit.train.ltd import ltd_targets, soft_labels, teacher_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_student_is_base_over_tau_s_in_both_modes(base: str, base_args: dict) ->
 
 
 def test_student_checkpoint_round_trip(tmp_path: Path) -> None:
-    from robustkit.checkpoint import save_checkpoint
+    from robustkit.core.checkpoint import save_checkpoint
 
     args = {"base": "small_cnn", "base_args": {"width": 4}, "tau_s": 3.0}
     student = create_model("ltd.init", seed=2, **args)
@@ -117,10 +117,10 @@ def test_student_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def test_student_can_start_from_a_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from robustkit.checkpoint import save_checkpoint, sha256_file
+    from robustkit.core.checkpoint import save_checkpoint, sha256_file
+    from robustkit.core.errors import ConfigError
     from robustkit.data import dataset_info
-    from robustkit.errors import ConfigError
-    from robustkit.training.cli import OPTIONS, build_model
+    from robustkit.train.cli import OPTIONS, build_model
 
     info = dataset_info("synthetic")
     cfg = {k: o.default for k, o in OPTIONS.items()} | {"init": str(tiny_checkpoint), "tau_s": 2.0}
@@ -205,8 +205,8 @@ def test_ltd_with_one_hot_soft_labels_is_exactly_the_framework(framework: str) -
 
 
 def test_cli_ltd_end_to_end(tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from robustkit.checkpoint import sha256_file
     from robustkit.cli import main
+    from robustkit.core.checkpoint import sha256_file
 
     out = tmp_path / "ltd"
     argv = ["train", "ltd", "--recipe", str(REPO / "defenses" / "ltd.toml"), "--dataset", "synthetic",

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from robustkit.cli import main
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import ThreatModel
 from robustkit.eval.masking import (
     CLEAN_VERDICT,
     load_report,
@@ -20,7 +21,6 @@ from robustkit.eval.masking import (
     zero_gradient_check,
 )
 from robustkit.eval.results import EvalResult, StageResult
-from robustkit.threat import ThreatModel
 
 N = 32
 FAST = {"sweep_params": {"overrides": {"apgd.n_iter": 10}}, "square_queries": 100, "batch_size": 32,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import robustkit.models.small_cnn as small_cnn
-from robustkit.checkpoint import save_checkpoint, sha256_file
-from robustkit.errors import CheckpointError, ConfigError, UnknownNameError
+from robustkit.core.checkpoint import save_checkpoint, sha256_file
+from robustkit.core.errors import CheckpointError, ConfigError, UnknownNameError
 from robustkit.models.base import (
     WEIGHTS_DIR,
     create_model,

@@ -11,8 +11,8 @@ import pytest
 
 from robustkit.attacks import attack_from_config, create_attack
 from robustkit.cli import main
-from robustkit.errors import ConfigError
-from robustkit.regress import compare, create_baseline, load_baseline, mcnemar_p_value
+from robustkit.core.errors import ConfigError
+from robustkit.eval.regress import compare, create_baseline, load_baseline, mcnemar_p_value
 
 N = 64
 

@@ -1,8 +1,8 @@
 import pytest
 
-from robustkit.errors import ConfigError, UnknownNameError
-from robustkit.registry import Registry
-from robustkit.threat import ThreatModel, format_eps, parse_eps, parse_norm
+from robustkit.core.errors import ConfigError, UnknownNameError
+from robustkit.core.registry import Registry
+from robustkit.core.threat import ThreatModel, format_eps, parse_eps, parse_norm
 
 
 @pytest.mark.parametrize("text,value", [("8/255", 8 / 255), ("0.5", 0.5), (0.3, 0.3), ("2 / 255", 2 / 255),

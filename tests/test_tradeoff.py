@@ -10,11 +10,11 @@ import torch
 
 from robustkit.attacks import PGD
 from robustkit.cli import main
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import ThreatModel
 from robustkit.eval import tradeoff as tradeoff_mod
 from robustkit.eval.tradeoff import Tradeoff, accuracy_tradeoff, parse_alphas, verdict
 from robustkit.models.adaptive_smoothing import MixedClassifier, MixingNet, auto_taps
-from robustkit.threat import ThreatModel
 
 N = 16
 

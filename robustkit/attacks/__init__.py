@@ -21,9 +21,9 @@ from robustkit.attacks.adaptive import AdaptiveAutoAttack
 from robustkit.attacks.autoattack import AutoAttack
 from robustkit.attacks.base import Attack, perturbation_norms, project
 from robustkit.attacks.pgd import FGSM, PGD
-from robustkit.errors import ConfigError, UnknownNameError
-from robustkit.registry import Registry
-from robustkit.threat import ThreatModel
+from robustkit.core.errors import ConfigError, UnknownNameError
+from robustkit.core.registry import Registry
+from robustkit.core.threat import ThreatModel
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "attacks"
 

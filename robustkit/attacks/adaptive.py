@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit.attacks.autoattack import AutoAttack
-from robustkit.errors import ConfigError
-from robustkit.threat import ThreatModel
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import ThreatModel
 
 
 def ce_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

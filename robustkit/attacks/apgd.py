@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from robustkit.attacks.adaptive import gamma_bce, targeted_dlr_loss
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 
 __all__ = ["AttackDraw", "apgd", "apgd_checkpoints", "dlr_targeted_loss", "randomized_attack"]
 

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack
-from robustkit.errors import ConfigError
-from robustkit.threat import ThreatModel
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import ThreatModel
 
 VERSIONS: dict[str, list[str]] = {
     "standard": ["apgd-ce", "apgd-t", "fab-t", "square"],
@@ -155,3 +155,18 @@ class AutoAttack(Attack):
             aa.square.seed = self._seed
             return aa.square.perturb(x, y)
         raise ConfigError(f"unknown AutoAttack stage {stage!r}")
+
+
+def bare_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+                    version: str, seed: int, batch_size: int, device: torch.device) -> list[bool]:
+    """Per-example robust flags from pyautoattack's own driver (the reference)."""
+    import pyautoattack
+
+    adversary = pyautoattack.AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=device)
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    with torch.no_grad():
+        flags = []
+        for lo in range(0, len(y), batch_size):
+            pred = model(x_adv[lo:lo + batch_size].to(device)).max(dim=1)[1].cpu()
+            flags.extend((pred == y[lo:lo + batch_size]).tolist())
+    return flags

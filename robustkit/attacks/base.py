@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.threat import ThreatModel, format_eps
+from robustkit.core.threat import ThreatModel, format_eps
 
 
 class Attack(abc.ABC):

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack
-from robustkit.errors import ConfigError, UnknownNameError
-from robustkit.threat import ThreatModel
+from robustkit.core.errors import ConfigError, UnknownNameError
+from robustkit.core.threat import ThreatModel
 
 _NORM_P = {"Linf": math.inf, "L2": 2.0}
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit.attacks.base import Attack, project
-from robustkit.errors import ConfigError
-from robustkit.threat import ThreatModel
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import ThreatModel
 
 LOSSES = ("ce", "margin")
 

@@ -43,10 +43,10 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import format_eps, parse_eps
 from robustkit.eval.harness import evaluate
 from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
-from robustkit.threat import format_eps, parse_eps
 
 CURVE_SCHEMA = "robustkit.curve"
 CURVE_SCHEMA_VERSION = 1

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack, perturbation_norms
-from robustkit.errors import BudgetViolationError, ConfigError, InputRangeError
+from robustkit.core.errors import BudgetViolationError, ConfigError, InputRangeError
+from robustkit.core.provenance import provenance, resolve_device
 from robustkit.eval.counting import PassCounter
 from robustkit.eval.records import RecordStore
 from robustkit.eval.results import EvalResult, StageResult
-from robustkit.provenance import provenance, resolve_device
 
 BUDGET_TOLERANCE = 1e-5
 

@@ -42,12 +42,12 @@ from torch import nn
 from robustkit.attacks import create_attack
 from robustkit.attacks.autoattack import AutoAttack
 from robustkit.attacks.pgd import per_example_loss
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.provenance import provenance, resolve_device
+from robustkit.core.threat import ThreatModel, format_eps, parse_norm
 from robustkit.eval.curve import analyse, eps_labels, parse_eps_spec, robustness_curve, validate_eps_list
 from robustkit.eval.harness import _evaluation_mode, _model_checks, _validate_inputs, evaluate
 from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
-from robustkit.provenance import provenance, resolve_device
-from robustkit.threat import ThreatModel, format_eps, parse_norm
 
 MASKING_SCHEMA = "robustkit.masking"
 MASKING_SCHEMA_VERSION = 1

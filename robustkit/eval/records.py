@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 
 RECORDS_VERSION = 1
 

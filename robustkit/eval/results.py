@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import ConfigError
-from robustkit.threat import format_eps
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import format_eps
 
 RESULT_SCHEMA = "robustkit.eval-result"
 RESULT_SCHEMA_VERSION = 1

@@ -30,11 +30,11 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import format_eps
 from robustkit.eval.curve import save_figure_atomic
 from robustkit.eval.harness import evaluate, tensor_fingerprint
 from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
-from robustkit.threat import format_eps
 
 TRADEOFF_SCHEMA = "robustkit.tradeoff"
 TRADEOFF_SCHEMA_VERSION = 1

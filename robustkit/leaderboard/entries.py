@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import ConfigError
-from robustkit.threat import format_eps, parse_eps
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import format_eps, parse_eps
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 THREAT_MODELS = ("Linf", "L2", "corruptions", "corruptions_3d")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.threat import parse_eps
 from robustkit.eval.results import EvalResult
 from robustkit.leaderboard.entries import (
     EXTENSION_KEY,
@@ -27,7 +28,6 @@ from robustkit.leaderboard.entries import (
     entry_path,
     validate_data,
 )
-from robustkit.threat import parse_eps
 
 STANDARD_AA_STAGES = ["apgd-ce", "apgd-t", "fab-t", "square"]
 _CONVENTION = re.compile(r"^[A-Z][A-Za-z-]+[0-9]{4}[A-Z][A-Za-z]*(_[A-Za-z0-9.+-]+)*$")

@@ -3,7 +3,7 @@ what else happened to be imported)."""
 
 # Imported for their registrations: tiny_cnn and small_cnn; lightweight_cnn; airbench94/95/96
 # (standard training, robustkit.models.airbench); ltd, the LTD student wrapper (trained by
-# robustkit.training, which robustkit.models never imports); adaptive_smoothing, the mixed classifier
+# robustkit.train, which robustkit.models never imports); adaptive_smoothing, the mixed classifier
 # (its builder loads the others' shipped weights by registry id when called, not at import).
 from robustkit.models import adaptive_smoothing, airbench, lightweight_cnn, ltd_student, small_cnn  # noqa: F401
 from robustkit.models.base import (

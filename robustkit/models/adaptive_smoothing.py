@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import CheckpointError, ConfigError
+from robustkit.core.errors import CheckpointError, ConfigError
 from robustkit.models.base import Weights, load_model, register_model
 
 DEFAULT_STD = "airbench94.cifar10_partial_tta0"
@@ -102,7 +102,7 @@ class FeatureTaps:
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules or not n]
         if missing:
-            from robustkit.errors import UnknownNameError
+            from robustkit.core.errors import UnknownNameError
 
             raise UnknownNameError("feature tap", missing[0], [n for n in modules if n])
         self.names = list(names)

@@ -16,7 +16,7 @@ from the reference, all deliberate and listed where they happen:
   one compiled copy instead of two when ``compile`` is on (see :func:`train`).
 
 Run ``robustkit train airbench94 --help``. The GPU benchmark against the reference is
-``robustkit bench airbench`` (robustkit/bench_airbench.py).
+``python eval/benchmarks/airbench.py`` (a developer benchmark in the repository).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import ConfigError, InputRangeError
+from robustkit.core.errors import ConfigError, InputRangeError
 from robustkit.models.base import Normalize, Weights, register_model
 
 # robustkit's CIFAR-10 statistics (dataset_info("cifar10")); airbench writes 0.2470 for the red
@@ -838,10 +838,10 @@ def hp_from_args(variant: str, args: argparse.Namespace) -> tuple[Hyperparams, d
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train an airbench variant on a robustkit dataset, measure test accuracy at TTA 0/1/2, save
     a robustkit checkpoint; return the metadata written."""
-    from robustkit.checkpoint import save_checkpoint
+    from robustkit.core.checkpoint import save_checkpoint
+    from robustkit.core.provenance import describe_device, require_device
     from robustkit.data import dataset_info, load_split
     from robustkit.models.small_cnn import _index_ranges
-    from robustkit.provenance import describe_device, require_device
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.checkpoint import load_checkpoint, read_metadata
-from robustkit.errors import CheckpointError, UnknownNameError
-from robustkit.registry import Registry
+from robustkit.core.checkpoint import load_checkpoint, read_metadata
+from robustkit.core.errors import CheckpointError, UnknownNameError
+from robustkit.core.registry import Registry
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 

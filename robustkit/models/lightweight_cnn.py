@@ -57,9 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.provenance import training_run
 from robustkit.models.base import Normalize, Weights, register_model
-from robustkit.provenance import training_run
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 MNIST_WIDTHS = (8, 16, 20)
@@ -664,7 +664,7 @@ def train(
     on the rest (for tuning a recipe without looking at the test split). ``progress``: tqdm bars; ``verbose``: a line per epoch. With
     ``out`` a checkpoint is written; returns the unified model (eval mode) and the metadata.
     """
-    from robustkit.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from robustkit.core.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
     from robustkit.data import load_split
 
     if threads:

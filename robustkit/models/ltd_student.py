@@ -10,7 +10,7 @@ model itself, so an attacker differentiates exactly the function that was traine
 
 The wrapper is registered as architecture ``ltd`` so that a checkpoint stores ``base``,
 ``base_args`` and ``tau_s`` as plain JSON ``arch_args`` and ``load_checkpoint_model`` rebuilds it;
-the training code lives in :mod:`robustkit.training.ltd`. This module imports only
+the training code lives in :mod:`robustkit.train.ltd`. This module imports only
 :mod:`robustkit.models.base`, so ``robustkit.models`` can import it without a cycle.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 from robustkit.models.base import Weights, model_info, register_model
 
 # sha256 of robustkit/weights/ltd.cifar10_partial.safetensors (verified on every load).

@@ -3,7 +3,7 @@
 Why an adapter instead of ``robustbench.load_model``: robustbench unpickles checkpoints with a
 plain ``torch.load`` (arbitrary code execution from a downloaded file) and silently loads some
 state dicts non-strictly. Here the architecture comes from robustbench's model zoo, but the
-weights are read with ``weights_only=True`` (:func:`robustkit.checkpoint.load_foreign_state_dict`),
+weights are read with ``weights_only=True`` (:func:`robustkit.core.checkpoint.load_foreign_state_dict`),
 loaded strictly, and the file's sha256 goes into the result's provenance.
 
 robustbench is imported lazily (only when an ``rb:`` name is used): it pulls in timm, gdown and
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.checkpoint import load_foreign_state_dict, sha256_file
-from robustkit.errors import CheckpointError, ConfigError, UnknownNameError
+from robustkit.core.checkpoint import load_foreign_state_dict, sha256_file
+from robustkit.core.errors import CheckpointError, ConfigError, UnknownNameError
 from robustkit.models.base import LoadedModel
 
 ENV_MODEL_DIR = "ROBUSTKIT_RB_MODEL_DIR"

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
+from robustkit.core.provenance import training_run
 from robustkit.models.base import Normalize, Weights, register_model
-from robustkit.provenance import training_run
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -398,7 +398,7 @@ def _index_ranges(indices: Sequence[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train SmallCNN on a robustkit dataset, measure clean + PGD-10 accuracy on the test split,
     save a checkpoint; return the metadata written."""
-    from robustkit.checkpoint import save_checkpoint
+    from robustkit.core.checkpoint import save_checkpoint
     from robustkit.data import dataset_info, load_split
 
     p = argparse.ArgumentParser(
@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from robustkit.threat import parse_eps
+    from robustkit.core.threat import parse_eps
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -31,7 +31,7 @@ def package_versions() -> dict[str, str | None]:
 
 def git_commit(path: str | Path | None = None) -> dict[str, Any]:
     """Commit and dirty flag of the robustkit checkout, or nulls for an installed wheel."""
-    root = Path(path) if path else Path(__file__).resolve().parent.parent
+    root = Path(path) if path else Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
@@ -56,7 +56,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def require_device(device: str | torch.device | None) -> torch.device:
     """:func:`resolve_device`, refusing CUDA on a machine without it (bad input, not a crash)."""
-    from robustkit.errors import ConfigError
+    from robustkit.core.errors import ConfigError
 
     dev = resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robustkit.errors import ConfigError, close_matches_hint
+from robustkit.core.errors import ConfigError, close_matches_hint
 
 RECIPE = Path(__file__).resolve().parents[2] / "defenses" / "adaptive_smoothing.toml"
 
@@ -212,7 +212,7 @@ def validate(model: Any, x: torch.Tensor, y: torch.Tensor, eps: float, device: t
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A TOML recipe: keys are :data:`OPTIONS` names (``name``/``description``/``method`` describe it)."""
-    from robustkit.training.cli import read_toml
+    from robustkit.train.cli import read_toml
 
     p = Path(path)
     out = {}
@@ -243,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from robustkit.checkpoint import save_checkpoint
+    from robustkit.core.checkpoint import save_checkpoint
+    from robustkit.core.provenance import provenance
+    from robustkit.core.threat import parse_eps
     from robustkit.data import load_split
     from robustkit.models.adaptive_smoothing import build_adaptive_smoothing
-    from robustkit.provenance import provenance
-    from robustkit.threat import parse_eps
 
     args = build_parser().parse_args(argv)
     if args.threads:

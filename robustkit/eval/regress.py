@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from robustkit.errors import ConfigError, RobustkitError
+from robustkit.core.errors import ConfigError, RobustkitError
+from robustkit.core.provenance import require_device
 from robustkit.eval.results import (
     RESULT_SCHEMA,
     RESULT_SCHEMA_VERSION,
@@ -32,7 +33,6 @@ from robustkit.eval.results import (
     StageResult,
     write_json_atomic,
 )
-from robustkit.provenance import require_device
 
 BASELINE_SCHEMA = "robustkit.baseline"
 BASELINE_SCHEMA_VERSION = 1

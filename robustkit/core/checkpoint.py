@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.errors import CheckpointError
+from robustkit.core.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "robustkit.checkpoint"
 CHECKPOINT_VERSION = 1

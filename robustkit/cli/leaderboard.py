@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 from robustkit.leaderboard.entries import Entry, boards, iter_entry_files, load_entries, read_entry
 from robustkit.leaderboard.render import render_html, render_markdown, write_if_changed
 

@@ -1,7 +1,7 @@
 """``robustkit train {pgd-at,trades,fast-at,ltd}``: recipe + flags -> trained, measured checkpoint.
 
 Options resolve in three layers: built-in defaults (:data:`OPTIONS`, also the defaults of
-:func:`robustkit.training.adversarial.train`), then a recipe file (``--recipe
+:func:`robustkit.train.adversarial.train`), then a recipe file (``--recipe
 defenses/X.toml``, whose keys are these option names with underscores), then command-line
 flags. The *resolved* recipe (every hyperparameter, wherever it came from) is what the
 checkpoint's ``training`` metadata records, so a result can be reproduced from its checkpoint
@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from robustkit.errors import ConfigError, close_matches_hint
-from robustkit.provenance import training_run
-from robustkit.threat import format_eps, parse_eps
-from robustkit.training.adversarial import (
+from robustkit.core.errors import ConfigError, close_matches_hint
+from robustkit.core.provenance import training_run
+from robustkit.core.threat import format_eps, parse_eps
+from robustkit.train.adversarial import (
     FRAMEWORKS,
     INNERS,
     SCHEDULES,
@@ -413,13 +413,13 @@ def _check_output(model: torch.nn.Module, what: str, x: torch.Tensor, num_classe
 
 def main(method: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train with ``method``, measure on the test split, save a checkpoint; return its metadata."""
-    from robustkit.checkpoint import save_checkpoint, sha256_file
+    from robustkit.core.checkpoint import save_checkpoint, sha256_file
     from robustkit.data import dataset_info, load_split
     from robustkit.models import load_model
     from robustkit.models.small_cnn import _index_ranges
 
     if method not in METHODS:
-        from robustkit.errors import UnknownNameError
+        from robustkit.core.errors import UnknownNameError
 
         raise UnknownNameError("training method", method, METHODS)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -461,7 +461,7 @@ def main(method: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     targets_fn = None
     teacher_record: dict[str, Any] | None = None
     if method == "ltd":
-        from robustkit.training.ltd import ltd_targets, teacher_stats
+        from robustkit.train.ltd import ltd_targets, teacher_stats
 
         t_loaded = load_model(cfg["teacher"], device=args.device)
         teacher = t_loaded.model
@@ -512,7 +512,7 @@ def main(method: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"pgd10_{cfg['norm'].lower()}_{eps_tag}_acc": res["pgd_acc"],
         "pgd": {"norm": cfg["norm"], "eps": cfg["eps"], "steps": 10, "alpha": format_eps(eps / 4),
                 "random_start": True, "seed": 0, "loss": "ce", "counted": "clean and adversarial correct"},
-        "source": "robustkit.training.cli (local PGD in eval mode; robustness claims use robustkit eval)",
+        "source": "robustkit.train.cli (local PGD in eval mode; robustness claims use robustkit eval)",
     }
     print(f"test (n={len(x_test)}): clean {res['clean_acc']:.4f}  PGD-10 {cfg['norm']} {cfg['eps']} "
           f"{res['pgd_acc']:.4f}  ({time.perf_counter() - t1:.1f}s)  training {wall:.0f}s", flush=True)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from robustkit.errors import UnknownNameError
+from robustkit.core.errors import UnknownNameError
 
 T = TypeVar("T")
 

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 from robustkit.models.ltd_student import LTDStudent
-from robustkit.training.adversarial import TargetsFn, train
+from robustkit.train.adversarial import TargetsFn, train
 
 TEACHER_INPUTS = ("clean", "adv")
 
@@ -65,7 +65,7 @@ def soft_labels(teacher: nn.Module, x: torch.Tensor, tau_t: float) -> torch.Tens
 
 
 def ltd_targets(teacher: nn.Module, tau_t: float, teacher_input: str = "clean") -> TargetsFn:
-    """The ``targets_fn`` that turns :func:`~robustkit.training.adversarial.train` into LTD."""
+    """The ``targets_fn`` that turns :func:`~robustkit.train.adversarial.train` into LTD."""
     if teacher_input not in TEACHER_INPUTS:
         raise ConfigError(f"unknown teacher_input {teacher_input!r}; choose clean or adv")
     _check_tau("tau_t", tau_t)

@@ -8,7 +8,7 @@ Every method here is the same min-max recipe with different parts swapped in:
 * **framework** (:func:`framework_loss`): ``pgd-at`` trains on CE(f(x'), y); ``trades`` on
   CE(f(x), y) + beta * KL(f(x) || f(x'));
 * **targets**: class indices or soft label distributions, interchangeably. LTD (Chen & Lee,
-  :mod:`robustkit.training.ltd`) is "an existing framework with a teacher's soft labels as y",
+  :mod:`robustkit.train.ltd`) is "an existing framework with a teacher's soft labels as y",
   so it is a ``targets_fn`` passed to :func:`train`, not a separate loop;
 * **AWP** (:class:`AWP`, Wu, Xia & Wang 2020): an adversarial *weight* perturbation applied for
   the gradient step only.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 from robustkit.models.small_cnn import augment
 
 NORMS = ("Linf", "L2")

@@ -1,4 +1,4 @@
-"""``robustkit bench overhead``: wall time of ``evaluate()`` vs the bare pyautoattack call.
+"""``python eval/benchmarks/overhead.py``: wall time of ``evaluate()`` vs the bare pyautoattack call.
 
 The harness adds records, resume, budget checks, pass counting and provenance around the very
 same attack computation; this measures what that costs (target: at most 1.05x) and confirms the
@@ -17,32 +17,18 @@ from typing import Any
 
 import torch
 
+from robustkit.attacks.autoattack import bare_autoattack
 from robustkit.eval.results import write_json_atomic
-
-
-def bare_autoattack(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
-                    version: str, seed: int, batch_size: int, device: torch.device) -> list[bool]:
-    """Per-example robust flags from pyautoattack's own driver (the reference)."""
-    import pyautoattack
-
-    adversary = pyautoattack.AutoAttack(model, norm=norm, eps=eps, version=version, seed=seed, device=device)
-    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
-    with torch.no_grad():
-        flags = []
-        for lo in range(0, len(y), batch_size):
-            pred = model(x_adv[lo:lo + batch_size].to(device)).max(dim=1)[1].cpu()
-            flags.extend((pred == y[lo:lo + batch_size]).tolist())
-    return flags
 
 
 def main(argv: list[str] | None = None) -> int:
     from robustkit.attacks import create_attack
+    from robustkit.core.provenance import describe_device, package_versions, resolve_device
     from robustkit.data import load_split
     from robustkit.eval import evaluate
     from robustkit.models import load_model
-    from robustkit.provenance import describe_device, package_versions, resolve_device
 
-    p = argparse.ArgumentParser(prog="robustkit bench overhead", description=__doc__)
+    p = argparse.ArgumentParser(prog="python eval/benchmarks/overhead.py", description=__doc__)
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--dataset", default="cifar10")
     p.add_argument("--data-dir", default=None)
@@ -91,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
               f"ratio {run['ratio']:.3f}  flags identical: {run['flags_identical']}", flush=True)
     summary = {
         "benchmark": "harness overhead vs bare pyautoattack run_standard_evaluation",
-        "command": "robustkit bench overhead " + " ".join(argv or []),
+        "command": "python eval/benchmarks/overhead.py " + " ".join(argv or []),
         "model": loaded.name, "dataset": args.dataset, "n_examples": args.n_examples,
         "batch_size": args.batch_size, "norm": args.norm, "eps": args.eps, "version": args.version,
         "seed": args.seed, "device": describe_device(device), "versions": package_versions(),
@@ -106,3 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(args.out, summary)
         print(f"written: {args.out}")
     return 0 if summary["all_flags_identical"] else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    from robustkit.core.errors import RobustkitError
+
+    try:
+        raise SystemExit(main())
+    except RobustkitError as e:
+        print(f"eval/benchmarks/overhead.py: error: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None

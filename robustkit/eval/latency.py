@@ -44,7 +44,7 @@ def measure_latency(model: torch.nn.Module, input_shape: tuple[int, ...], *, bat
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robustkit.errors import ConfigError
+    from robustkit.core.errors import ConfigError
 
     p = argparse.ArgumentParser(prog="robustkit bench latency", description=__doc__)
     p.add_argument("--model", required=True, help="registered id or checkpoint path")
@@ -70,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, argv: list[str] | None, sizes: list[int]) -> int:
+    from robustkit.core.provenance import describe_device, package_versions, require_device
     from robustkit.data import DATASETS, dataset_info
     from robustkit.models import load_model, model_info
-    from robustkit.provenance import describe_device, package_versions, require_device
 
     device = require_device(args.device)
     loaded = load_model(args.model, device=device)

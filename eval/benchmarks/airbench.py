@@ -1,4 +1,4 @@
-"""``robustkit bench airbench``: our airbench94 against the reference script, same GPU, same tensors.
+"""``python eval/benchmarks/airbench.py``: our airbench94 against the reference script, same GPU, same tensors.
 
 Both implementations train airbench94's full schedule (9.9 epochs, batch 1024, 476 steps) and are
 timed over exactly the paper's regions with CUDA events — whitening init, every epoch's training
@@ -28,7 +28,7 @@ How to run on the GPU
 
 3. Run (about 1 minute uncompiled; ``--compile`` adds minutes of max-autotune compilation)::
 
-       python -m robustkit bench airbench --reference .reference/airbench94.py --runs 5 --data-dir .offline/data
+       python eval/benchmarks/airbench.py --reference .reference/airbench94.py --runs 5 --data-dir .offline/data
 
    It writes ``eval/benchmarks/airbench94_gpu.json`` and a Markdown summary next to it.
 
@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 from robustkit.eval.results import write_json_atomic
 
 DEFAULT_OUT = "eval/benchmarks/airbench94_gpu.json"
@@ -140,7 +140,7 @@ class Reference:
     def __init__(self, path: str | Path, data: dict[str, Any], workdir: Path) -> None:
         self.path = Path(path).resolve()
         if not self.path.is_file():
-            raise ConfigError(f"--reference {path}: no such file (see `robustkit bench airbench --help`)")
+            raise ConfigError(f"--reference {path}: no such file (see `python eval/benchmarks/airbench.py --help`)")
         text = self.path.read_text()
         missing = [n for n in self.NEEDLES if n not in text]
         if missing:
@@ -261,7 +261,7 @@ def _stats(values: list[float]) -> dict[str, float | None]:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    from robustkit.provenance import describe_device
+    from robustkit.core.provenance import describe_device
 
     env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": describe_device(device),
                            "python": sys.version.split()[0]}
@@ -275,11 +275,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from robustkit.core.provenance import require_device
     from robustkit.models.airbench import VARIANTS
-    from robustkit.provenance import require_device
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="robustkit bench airbench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python eval/benchmarks/airbench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", default=None, metavar="PATH",
                    help="the reference legacy/airbench94.py or airbench94_compiled.py (kept outside git, e.g. "
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = require_device(args.device) if wants_cuda else torch.device("cpu")
     if device.type != "cuda":
         if not args.allow_cpu:
-            raise ConfigError("robustkit bench airbench times GPU training and needs CUDA (none here); "
+            raise ConfigError("python eval/benchmarks/airbench.py times GPU training and needs CUDA (none here); "
                               "--allow-cpu runs ours alone on the CPU as a smoke test")
         device = torch.device("cpu")
         if args.reference:
@@ -382,7 +382,7 @@ def _run(args: argparse.Namespace, argv: list[str], device: torch.device, hp: An
                          "TTA-2 evaluation; CUDA events (perf_counter on CPU); warm-up run excluded",
         "data": data["description"],
         "environment": env,
-        "command": "robustkit bench airbench " + " ".join(argv),
+        "command": "python eval/benchmarks/airbench.py " + " ".join(argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": args.runs,
         "ours": {"implementation": "robustkit.models.airbench.train", "hyperparameters": _jsonable(asdict(hp)),

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import ConfigError, RobustkitError
+from robustkit.core.errors import ConfigError, RobustkitError
 
 EXAMPLES = """\
 examples:
@@ -246,13 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="create the baseline file PATH from an existing result JSON (exactly one PATH)")
     rg.set_defaults(func=cmd_regress)
 
-    be = sub.add_parser("bench", help="benchmarks: overhead (harness vs bare pyautoattack), latency (per image), "
-                        "airbench (ours vs the reference script, GPU)", add_help=False)
-    be.add_argument("which", help="overhead, latency or airbench")
+    be = sub.add_parser("bench", help="benchmarks: latency (ms per image at each batch size)", add_help=False)
+    be.add_argument("which", help="latency (developer benchmarks: python eval/benchmarks/*.py)")
     be.add_argument("rest", nargs=argparse.REMAINDER)
     be.set_defaults(func=cmd_bench)
 
-    from robustkit.leaderboard.cli import add_parser as add_leaderboard_parser
+    from robustkit.cli.leaderboard import add_parser as add_leaderboard_parser
 
     add_leaderboard_parser(sub)
     return parser
@@ -340,8 +339,8 @@ def _attack_comparison(results: list[Any]) -> str:
 
 def _load_model_arg(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """Checks, device and model shared by eval and curve: (device, LoadedModel, dataset name)."""
+    from robustkit.core.provenance import require_device
     from robustkit.models import load_model
-    from robustkit.provenance import require_device
 
     if args.n_examples is not None and args.n_examples < 1:
         raise ConfigError(f"--n-examples must be >= 1, got {args.n_examples}")
@@ -487,8 +486,8 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
 def cmd_check_masking(args: argparse.Namespace) -> int:
     """Load like eval, then hand over to robustkit.eval.masking; exit 1 when anything is flagged."""
     from robustkit.attacks import create_attack
+    from robustkit.core.threat import ThreatModel
     from robustkit.eval.masking import masking_report, render_markdown, save_report, sweep_grid
-    from robustkit.threat import ThreatModel
 
     if args.autoattack_result and args.run_autoattack:
         raise ConfigError("--autoattack-result and --run-autoattack do not combine")
@@ -542,7 +541,7 @@ def default_out(model: str, attack: str, dataset: str, n: int, seed: int) -> Pat
 
 
 def cmd_regress(args: argparse.Namespace) -> int:
-    from robustkit.regress import DEFAULT_ALPHA, create_baseline, run_regress
+    from robustkit.eval.regress import DEFAULT_ALPHA, create_baseline, run_regress
 
     if args.from_result is not None:
         if len(args.paths) != 1:
@@ -598,13 +597,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     producer = args.producer.replace("-", "_")  # `lightweight-cnn` and `lightweight_cnn` both work
     method = args.producer.replace("_", "-")
-    if method in ("pgd-at", "trades", "fast-at", "ltd"):  # adversarial training (robustkit.training)
-        from robustkit.training.cli import main as train_method
+    if method in ("pgd-at", "trades", "fast-at", "ltd"):  # adversarial training (robustkit.train)
+        from robustkit.train.cli import main as train_method
 
         train_method(method, args.rest)
         return 0
     if producer == "adaptive_smoothing":  # trains only the mixing network of a composite
-        from robustkit.training.adaptive_smoothing import main as mixing_main
+        from robustkit.train.adaptive_smoothing import main as mixing_main
 
         mixing_main(args.rest)
         return 0
@@ -618,7 +617,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif producer == "lightweight_cnn":
         from robustkit.models.lightweight_cnn import main as train_main
     else:
-        from robustkit.errors import UnknownNameError
+        from robustkit.core.errors import UnknownNameError
 
         raise UnknownNameError("producer", args.producer,
                                ["small_cnn", "lightweight-cnn", "pgd-at", "trades", "fast-at", "ltd", "adaptive_smoothing",
@@ -628,21 +627,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.which == "overhead":
-        from robustkit.bench import main as bench_main
-
-        return int(bench_main(args.rest) or 0)
+    # Developer benchmarks (harness overhead, airbench vs its reference) are scripts under
+    # eval/benchmarks/ in the repository; the installed command keeps the user-facing one.
     if args.which == "latency":
-        from robustkit.bench_latency import main as latency_main
+        from robustkit.eval.latency import main as latency_main
 
         return int(latency_main(args.rest) or 0)
-    if args.which == "airbench":
-        from robustkit.bench_airbench import main as airbench_bench_main
+    from robustkit.core.errors import UnknownNameError
 
-        return int(airbench_bench_main(args.rest) or 0)
-    from robustkit.errors import UnknownNameError
-
-    raise UnknownNameError("benchmark", args.which, ["airbench", "latency", "overhead"])
+    raise UnknownNameError("benchmark", args.which, ["latency"])
 
 
 def _version() -> str:

@@ -8,7 +8,7 @@ chooses the framework (and the LTD teacher/temperatures), and the table is rebui
 and result JSONs on disk, never from numbers typed in. Finished trainings and evaluations are reused
 (AutoAttack resumes from its per-example records), so a killed run continues where it stopped::
 
-    python -m robustkit.training.compare --data-dir ../shared/data/partial --out-dir defenses/ltd_comparison
+    python -m robustkit.train.compare --data-dir ../shared/data/partial --out-dir defenses/ltd_comparison
 
 writes ``<out-dir>/<run>.{safetensors,json}`` (checkpoints), ``<out-dir>/<run>__autoattack-n1000.json``
 (results), ``table.json``, ``table.md`` and ``table.png``.
@@ -233,7 +233,7 @@ def ablation(args: argparse.Namespace, shared: list[str], common: list[str], dat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m robustkit.training.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m robustkit.train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="data root holding cifar10/{train,test}.npz")
     p.add_argument("--out-dir", default="defenses/ltd_comparison")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list from {', '.join(RUNS)}")
@@ -251,12 +251,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--holdout", type=int, default=500, help="ablation: held-out train images")
     args = p.parse_args(argv)
 
-    command = "python -m robustkit.training.compare " + " ".join(
+    command = "python -m robustkit.train.compare " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     names = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in names if r not in RUNS]
     if unknown:
-        from robustkit.errors import UnknownNameError
+        from robustkit.core.errors import UnknownNameError
 
         raise UnknownNameError("comparison run", unknown[0], list(RUNS))
     out = Path(args.out_dir)

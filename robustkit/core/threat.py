@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from robustkit.errors import ConfigError
+from robustkit.core.errors import ConfigError
 
 NORMS = ("Linf", "L2")
 
