@@ -131,7 +131,7 @@ def test_checkpoint_stores_only_the_mixer_and_pins_the_bases(tmp_path):
     m(torch.rand(16, 3, 32, 32))  # move the BN statistics away from their init
     m.eval()
     meta = save_checkpoint(m, tmp_path / "as", architecture="adaptive_smoothing", arch_args=m.arch_args,
-                           dataset="synthetic", num_classes=10)
+                           dataset="synthetic", num_classes=10).metadata
     from safetensors.torch import load_file
 
     keys = load_file(str(tmp_path / "as.safetensors"))

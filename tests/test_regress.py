@@ -67,7 +67,7 @@ def plant_robust(path: Path, k: int) -> None:
 
 def test_from_result_creates_loadable_baseline(capsys, result_json, tmp_path):
     path = tmp_path / "b.json"
-    code, out, err = run_main(capsys, "regress", path, "--from-result", result_json, "--alpha", "0.01")
+    code, out, err = run_main(capsys, "regress", path, "--from-result", result_json, "--significance", "0.01")
     assert code == 0, err
     assert "wrote baseline" in out
     d = json.loads(path.read_text())
@@ -239,7 +239,7 @@ def test_unknown_model(capsys, baseline):
 
 
 def test_bad_alpha_option(capsys, baseline):
-    assert_error(*run_main(capsys, "regress", baseline, "--alpha", "0")[::2], "--alpha")
+    assert_error(*run_main(capsys, "regress", baseline, "--significance", "0")[::2], "--significance")
 
 
 def test_exact_clean_loss_is_a_regression(capsys, baseline):

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from robustkit.cli.options import add_common, apply_common, check_device_flag, progress_enabled, warn
 from robustkit.core.errors import ConfigError, RobustkitError
 
 EXAMPLES = """\
@@ -72,26 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override an attack parameter (repeatable), e.g. steps=50 or random_start=true")
     ev.add_argument("--dataset", default=None,
                     help="dataset name (default: the one the model was trained on)")
-    ev.add_argument("--data-dir", default=None, help="data root (default: $ROBUSTKIT_DATA or ~/.cache/robustkit/data)")
     ev.add_argument("--data-file", default=None,
                     help="evaluate on your own .npz (images uint8 NHWC or float in [0,1], labels)")
     ev.add_argument("--subset", choices=["cifar", "imagenet"], default=None,
                     help="CINIC-10 only: evaluate on the CIFAR-10 or the ImageNet part, to measure the shift "
                     "between them")
-    ev.add_argument("--no-download", action="store_true", help="never try to download data or weights")
     ev.add_argument("--n-examples", type=int, default=None,
                     help="first N test examples (default: 1000, or all if fewer)")
     ev.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
-    ev.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    ev.add_argument("--out", default=None,
-                    help="result JSON path; per-example records go next to it as .records.jsonl "
-                    "(default: results/<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
     ev.add_argument("--no-resume", action="store_true", help="start over even if --out has records")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
     ev.add_argument("--rb-model-dir", default=None,
                     help="where rb: weights live (<dir>/<dataset>/<threat>/<Name>.pt; default: "
                     "$ROBUSTKIT_RB_MODEL_DIR or ~/.cache/robustkit/robustbench)")
+    add_common(ev, out="result JSON; per-example records go next to it as .records.jsonl "
+               "(default: results/<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
     ev.set_defaults(func=cmd_eval)
 
     cv = sub.add_parser(
@@ -112,20 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="override an attack parameter (repeatable), e.g. steps=50")
     cv.add_argument("--dataset", default=None, help="dataset name (default: the one the model was trained on)")
-    cv.add_argument("--data-dir", default=None, help="data root (as for eval)")
     cv.add_argument("--data-file", default=None, help="your own .npz (as for eval)")
-    cv.add_argument("--no-download", action="store_true", help="never try to download data or weights")
     cv.add_argument("--rb-model-dir", default=None, help="where rb: weights live (as for eval)")
     cv.add_argument("--n-examples", type=int, default=None, help="first N test examples (default: 1000)")
     cv.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
-    cv.add_argument("--seed", type=int, default=0, help="seed, the same at every eps (default: 0)")
-    cv.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    cv.add_argument("--no-progress", action="store_true", help="no progress bars")
     cv.add_argument("--no-resume", action="store_true",
                     help="start over even if the curve's records folder (next to --out) has finished points")
-    cv.add_argument("--out", default=None,
-                    help="curve JSON path (default: results/curve__<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
     cv.add_argument("--plot", default=None, metavar="PATH.png", help="plot path (default: --out with .png)")
+    add_common(cv, seed="seed, the same at every eps (default: 0)",
+               out="curve JSON (default: results/curve__<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
     cv.set_defaults(func=cmd_curve)
 
     to = sub.add_parser(
@@ -149,21 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument("--attack-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="override an attack parameter (repeatable), e.g. steps=50")
     to.add_argument("--dataset", default=None, help="dataset name (default: the one the model was trained on)")
-    to.add_argument("--data-dir", default=None, help="data root (as for eval)")
     to.add_argument("--data-file", default=None, help="your own .npz (as for eval)")
-    to.add_argument("--no-download", action="store_true", help="never try to download data or weights")
     to.add_argument("--rb-model-dir", default=None, help=argparse.SUPPRESS)
     to.add_argument("--n-examples", type=int, default=None, help="first N test examples (default: 1000)")
     to.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
-    to.add_argument("--seed", type=int, default=0, help="seed, the same at every point (default: 0)")
-    to.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     to.add_argument("--check-endpoints", action="store_true",
                     help="also evaluate fixed alpha 0 and 1 (the mixed form of g and h) as a consistency check")
     to.add_argument("--out-dir", default="eval/tradeoff",
                     help="writes <model>__<attack>__n<N>.json/.png and a .points/ folder there "
                     "(default: eval/tradeoff)")
     to.add_argument("--no-resume", action="store_true", help="start over even if finished points exist")
-    to.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common(to, seed="seed, the same at every point (default: 0)")
     to.set_defaults(func=cmd_tradeoff)
 
     ck = sub.add_parser("check", help="sanity checks of an evaluation (see `robustkit check masking --help`)")
@@ -181,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mk.add_argument("--model", required=True, help="as for eval: registered id, rb:<Name> or a checkpoint")
     mk.add_argument("--dataset", default=None, help="dataset name (default: the one the model was trained on)")
-    mk.add_argument("--data-dir", default=None, help="data root (as for eval)")
     mk.add_argument("--data-file", default=None, help="your own .npz (as for eval)")
-    mk.add_argument("--no-download", action="store_true", help="never try to download data or weights")
     mk.add_argument("--rb-model-dir", default=None, help="where rb: weights live (as for eval)")
     mk.add_argument("--n-examples", type=int, default=200, help="first N test examples (default: 200)")
     mk.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
@@ -201,25 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run standard AutoAttack here for the Square gap (default: APGD-CE vs Square directly)")
     mk.add_argument("--square-queries", type=int, default=5000,
                     help="queries of the direct Square run (default: 5000, AutoAttack's; 0 skips that check)")
-    mk.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
-    mk.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    mk.add_argument("--out", default=None, metavar="PATH.json",
-                    help="report path (default: results/<model>__masking__<dataset>-n<N>-s<seed>.json)")
     mk.add_argument("--markdown", default=None, metavar="PATH.md", help="Markdown path (default: --out with .md)")
-    mk.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_common(mk, out="report JSON (default: results/<model>__masking__<dataset>-n<N>-s<seed>.json)")
     mk.set_defaults(func=cmd_check_masking)
 
-    ls = sub.add_parser("list", help="list models, attacks or datasets")
-    ls.add_argument("what", choices=["models", "attacks", "datasets"])
+    ls = sub.add_parser("list", help="list models, attacks, datasets or trainers")
+    ls.add_argument("what", choices=["models", "attacks", "datasets", "trainers"])
     ls.set_defaults(func=cmd_list)
 
-    tr = sub.add_parser("train", help="train a model producer (see `robustkit train small_cnn --help`)",
-                        add_help=False)
-    tr.add_argument("producer", help="small_cnn, lightweight-cnn, or adversarial training: pgd-at, trades, "
-                                     "fast-at, ltd (`robustkit train ltd --help`); standard: airbench94, airbench95, airbench96; "
-                                     "adaptive_smoothing (trains a mixing network)")
-    tr.add_argument("rest", nargs=argparse.REMAINDER)
-    tr.set_defaults(func=cmd_train)
+    from robustkit.cli.train import add_parser as add_train_parser
+
+    add_train_parser(sub)
 
     rg = sub.add_parser(
         "regress", help="re-run baselines and fail when robustness regressed (a CI gate)",
@@ -236,14 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--tolerance", choices=["auto", "exact", "paired"], default=None,
                     help="override the baselines' mode: exact (identical flags), paired (exact McNemar test) "
                     "or auto (exact when both runs are on CPU with the same torch, else paired)")
-    rg.add_argument("--alpha", type=float, default=None,
+    rg.add_argument("--significance", type=float, default=None, metavar="P",
                     help="override the baselines' significance level of the paired test, in (0, 1)")
-    rg.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    rg.add_argument("--data-dir", default=None,
-                    help="data root (default: $ROBUSTKIT_DATA or ~/.cache/robustkit/data)")
-    rg.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rg.add_argument("--alpha", type=float, default=None, dest="alpha_deprecated", help=argparse.SUPPRESS)
     rg.add_argument("--from-result", default=None, metavar="RESULT.json",
                     help="create the baseline file PATH from an existing result JSON (exactly one PATH)")
+    add_common(rg, seed=None)
     rg.set_defaults(func=cmd_regress)
 
     be = sub.add_parser("bench", help="benchmarks: latency (ms per image at each batch size)", add_help=False)
@@ -258,13 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from robustkit.core.plugins import load_plugins
+
+    try:
+        load_plugins()  # out-of-tree models, trainers and attacks register before names are looked up
+    except RobustkitError as e:
+        print(f"robustkit: error: {e}", file=sys.stderr)
+        return e.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        if getattr(args, "device", None) is not None:
+            check_device_flag(args.device)
+        with apply_common(args):
+            return int(args.func(args) or 0)
     except RobustkitError as e:
         print(f"robustkit: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -308,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(
             loaded.model, attack, x, y,
             batch_size=args.batch_size, device=device, seed=args.seed,
-            records_path=records, resume=not args.no_resume, progress=not args.no_progress,
+            records_path=records, resume=not args.no_resume, progress=progress_enabled(args),
             model_name=loaded.name, attack_name=None if attack is None else name,
             dataset=dataset_name, data_info=data_info, checkpoint_sha256=loaded.checkpoint_sha256,
             model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
@@ -374,7 +358,7 @@ def _load_data_arg(args: argparse.Namespace, loaded: Any, dataset: str) -> tuple
     else:
         dataset_info(dataset)  # unknown names fail here with close matches
         split = load_split(dataset, "test", data_dir=args.data_dir, download=not args.no_download,
-                           subset=subset, progress=not getattr(args, "no_progress", False))
+                           subset=subset, progress=progress_enabled(args))
         n = args.n_examples if args.n_examples is not None else min(1000, len(split))
         x, y = split.tensors(n)
         data_info = {"source": split.source, "split": "test", "n_available": len(split),
@@ -418,7 +402,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", CurveWarning)  # printed below as one line each
         curve = robustness_curve(
             loaded.model, factory, grid, x, y,
-            batch_size=args.batch_size, device=device, seed=args.seed, progress=not args.no_progress,
+            batch_size=args.batch_size, device=device, seed=args.seed, progress=progress_enabled(args),
             model_name=loaded.name, attack_name=args.attack, dataset=dataset_name, data_info=data_info,
             checkpoint_sha256=loaded.checkpoint_sha256,
             model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
@@ -469,7 +453,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     result = accuracy_tradeoff(
         loaded.model, factory, alphas, x, y, points_dir=points_dir, check_endpoints=args.check_endpoints,
         command="robustkit tradeoff " + shlex.join(argv),
-        batch_size=args.batch_size, device=device, seed=args.seed, progress=not args.no_progress,
+        batch_size=args.batch_size, device=device, seed=args.seed, progress=progress_enabled(args),
         model_name=loaded.name, attack_name=args.attack, dataset=dataset_name, data_info=data_info,
         checkpoint_sha256=loaded.checkpoint_sha256,
         model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
@@ -504,7 +488,7 @@ def cmd_check_masking(args: argparse.Namespace) -> int:
         unbounded=args.unbounded, sweep_attack=args.attack, sweep_params=params,
         autoattack_result=args.autoattack_result, run_autoattack=args.run_autoattack,
         square_queries=args.square_queries, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.no_progress, model_name=loaded.name, dataset=dataset_name, data_info=data_info,
+        progress=progress_enabled(args), model_name=loaded.name, dataset=dataset_name, data_info=data_info,
         checkpoint_sha256=loaded.checkpoint_sha256,
     )
     save_report(report, out)
@@ -543,6 +527,11 @@ def default_out(model: str, attack: str, dataset: str, n: int, seed: int) -> Pat
 def cmd_regress(args: argparse.Namespace) -> int:
     from robustkit.eval.regress import DEFAULT_ALPHA, create_baseline, run_regress
 
+    if args.alpha_deprecated is not None:
+        warn("regress --alpha is deprecated and will be removed in the next release; use --significance")
+        if args.significance is None:
+            args.significance = args.alpha_deprecated
+
     if args.from_result is not None:
         if len(args.paths) != 1:
             raise ConfigError(f"--from-result needs exactly one PATH (the baseline file to write), "
@@ -553,7 +542,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
         if out.is_dir():
             raise ConfigError(f"{out} is a folder; give the baseline file to write, e.g. {out / 'name.json'}")
         existed = out.exists()
-        alpha = args.alpha if args.alpha is not None else DEFAULT_ALPHA
+        alpha = args.significance if args.significance is not None else DEFAULT_ALPHA
         baseline = create_baseline(args.from_result, out, alpha=alpha, mode=args.tolerance or "auto")
         r = baseline.result
         print(f"{'replaced' if existed else 'wrote'} baseline {out}: {r.model} | {r.attack} | {r.dataset} "
@@ -561,8 +550,8 @@ def cmd_regress(args: argparse.Namespace) -> int:
               f"{100 * (r.robust_accuracy or 0.0):.2f}% | tolerance {baseline.mode}, "
               f"alpha {baseline.alpha:g}")
         return 0
-    return run_regress(args.paths, update=args.update, tolerance=args.tolerance, alpha=args.alpha,
-                       device=args.device, data_dir=args.data_dir, progress=not args.no_progress)
+    return run_regress(args.paths, update=args.update, tolerance=args.tolerance, alpha=args.significance,
+                       device=args.device, data_dir=args.data_dir, progress=progress_enabled(args))
 
 
 # --------------------------------------------------------------------------- list / train / bench
@@ -584,6 +573,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         for entry in ATTACKS:
             print(f"{entry.name:<16} {entry.description}")
         print(f"{'foolbox:<Name>':<16} any fixed-epsilon foolbox 3 attack, e.g. foolbox:LinfPGD")
+    elif args.what == "trainers":
+        from robustkit.train import list_trainers
+
+        for trainer in list_trainers():
+            print(f"{trainer.name:<20} {trainer.description}")
     else:
         from robustkit.data import DATASETS, dataset_info
 
@@ -591,38 +585,6 @@ def cmd_list(args: argparse.Namespace) -> int:
             info = dataset_info(name)
             shape = "x".join(map(str, info.shape))
             print(f"{name:<14} {info.num_classes:>3} classes  {shape:<8} {info.description}")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    producer = args.producer.replace("-", "_")  # `lightweight-cnn` and `lightweight_cnn` both work
-    method = args.producer.replace("_", "-")
-    if method in ("pgd-at", "trades", "fast-at", "ltd"):  # adversarial training (robustkit.train)
-        from robustkit.train.cli import main as train_method
-
-        train_method(method, args.rest)
-        return 0
-    if producer == "adaptive_smoothing":  # trains only the mixing network of a composite
-        from robustkit.train.adaptive_smoothing import main as mixing_main
-
-        mixing_main(args.rest)
-        return 0
-    if producer in ("airbench94", "airbench95", "airbench96"):  # standard training, one file per method
-        from robustkit.models.airbench import main as airbench_main
-
-        airbench_main([producer, *args.rest])
-        return 0
-    if producer == "small_cnn":
-        from robustkit.models.small_cnn import main as train_main
-    elif producer == "lightweight_cnn":
-        from robustkit.models.lightweight_cnn import main as train_main
-    else:
-        from robustkit.core.errors import UnknownNameError
-
-        raise UnknownNameError("producer", args.producer,
-                               ["small_cnn", "lightweight-cnn", "pgd-at", "trades", "fast-at", "ltd", "adaptive_smoothing",
-                                "airbench94", "airbench95", "airbench96"])
-    train_main(args.rest)  # the producers return their checkpoint metadata (a dict), not a code
     return 0
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from robustkit.core.config import config_to_dict
 from robustkit.core.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "robustkit.checkpoint"
@@ -30,6 +32,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A written checkpoint: where its tensor file is and the metadata its sidecar holds."""
+
+    path: Path  # NAME.safetensors (the sidecar is NAME.json)
+    metadata: dict[str, Any]
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
@@ -51,8 +61,13 @@ def save_checkpoint(
     num_classes: int | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``path.safetensors`` and ``path.json``; return the metadata written.
+    trainer: str | None = None,
+    config: Any = None,
+) -> Checkpoint:
+    """Write ``path.safetensors`` and ``path.json``; return them as a :class:`Checkpoint`.
+
+    ``trainer`` and ``config`` (the resolved config dataclass of a registered trainer) are recorded
+    so ``robustkit train TRAINER --recipe R.toml`` can be checked against the file it claims to make.
 
     ``model`` is saved uncompiled and unwrapped: ``_orig_mod.``/``module.`` prefixes from
     ``torch.compile``/DataParallel are stripped so the file loads into a plain module.
@@ -77,6 +92,8 @@ def save_checkpoint(
         "normalization": normalization,
         "dataset": dataset,
         "num_classes": num_classes,
+        "trainer": trainer,
+        "config": config_to_dict(config) if config is not None else None,
         "training": training or {},
         "metrics": metrics or {},
         "n_parameters": sum(p.numel() for p in model.parameters()),  # sub-models included
@@ -84,7 +101,7 @@ def save_checkpoint(
         "sha256": sha256_file(tensor_path),
     }
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
-    return meta
+    return Checkpoint(tensor_path, meta)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

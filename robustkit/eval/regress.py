@@ -560,7 +560,7 @@ def run_regress(
         raise ConfigError(f"--tolerance must be one of {', '.join(MODES)}, got {tolerance!r}")
     if alpha is not None:
         if not 0 < alpha < 1:  # also refuses nan
-            raise ConfigError(f"--alpha must be in (0, 1), got {alpha}")
+            raise ConfigError(f"--significance must be in (0, 1), got {alpha}")
     require_device(device)
     baselines = [load_baseline(p) for p in collect_baseline_paths(paths)]
     rows: list[Comparison] = []

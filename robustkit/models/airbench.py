@@ -972,7 +972,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model, args.out, architecture=args.variant, arch_args=arch_args,
             normalization={"mean": arch_args["mean"], "std": arch_args["std"]}, dataset=args.dataset,
             num_classes=int(info.num_classes), training=training, metrics=metrics,
-        )
+        ).metadata
         print(f"saved {meta['file']} (sha256 {meta['sha256']}) and its .json next to {args.out}")
         print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("clean", "correct", "n"))}, indent=2))
         return meta

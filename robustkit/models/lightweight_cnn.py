@@ -770,7 +770,7 @@ def train(
             model, out, architecture="lightweight_cnn", arch_args=arch_args,
             normalization={"mean": arch_args["mean"], "std": arch_args["std"]}, dataset=dataset,
             num_classes=arch_args["num_classes"], training=training, metrics=metrics,
-        )
+        ).metadata
         print(f"saved {meta['file']} (sha256 {meta['sha256']}) and its .json next to {out}")
     return model, meta
 

@@ -1,21 +1,19 @@
-"""Adversarial training: PGD-AT, TRADES, fast AT (FGSM-RS), AWP and LTD on any registered model.
+"""Training: one file per producer, each a typed config plus ``train(config, run)``, registered by
+name (:mod:`robustkit.train.base`); the pieces every trainer shares live beside them.
 
-``robustkit train {pgd-at,trades,fast-at,ltd}`` (:mod:`robustkit.train.cli`) runs a recipe
-from ``defenses/*.toml`` and saves a robustkit checkpoint; :func:`train` is the loop underneath.
+``robustkit train --list`` shows the registered trainers; ``robustkit train NAME --help`` a
+trainer's config fields with their defaults.
 """
 
-from robustkit.train.adversarial import (
-    AWP,
-    evaluate_pgd,
-    framework_loss,
-    inner_max,
-    kl_div,
-    soft_cross_entropy,
-    train,
+from robustkit.train.base import (
+    TRAINERS,
+    RunOptions,
+    Trainer,
+    get_trainer,
+    list_trainers,
+    load_trainers,
+    register_trainer,
 )
-from robustkit.train.ltd import LTDStudent, ltd_targets, soft_labels
 
-__all__ = [
-    "AWP", "LTDStudent", "evaluate_pgd", "framework_loss", "inner_max", "kl_div", "ltd_targets",
-    "soft_cross_entropy", "soft_labels", "train",
-]
+__all__ = ["TRAINERS", "RunOptions", "Trainer", "get_trainer", "list_trainers", "load_trainers",
+           "register_trainer"]

@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     meta = save_checkpoint(model, args.out, architecture="adaptive_smoothing", arch_args=model.arch_args,
                            dataset=cfg["dataset"], num_classes=10, training=training,
-                           metrics={"validation": val})
+                           metrics={"validation": val}).metadata
     print(f"saved {meta['file']} (sha256 {meta['sha256']}) and its .json next to {args.out}; "
           f"training {seconds:.0f}s")
     return meta

@@ -564,7 +564,7 @@ def main(method: str, argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = save_checkpoint(
         model, args.out, architecture=architecture, arch_args=saved_args, normalization=normalization,
         dataset=cfg["dataset"], num_classes=int(info.num_classes), training=training, metrics=metrics,
-    )
+    ).metadata
     print(f"saved {meta['file']} (sha256 {meta['sha256']}) and its .json next to {args.out}")
     return meta
 
