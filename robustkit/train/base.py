@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -61,6 +61,9 @@ class Trainer(Generic[C]):
     config: type[C]
     fn: Callable[[C, RunOptions], Checkpoint]
     description: str
+    # Overrides that make a run take seconds on the synthetic dataset (a few steps of a tiny model):
+    # the registry tests train every trainer with them, so a new trainer is tested without a test file.
+    smoke: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, config: C, run: RunOptions) -> Checkpoint:
         if not isinstance(config, self.config):
@@ -73,13 +76,16 @@ TRAINERS: Registry[Trainer[Any]] = Registry("trainer")
 DEPRECATED_NAMES: dict[str, str] = {}
 
 
-def register_trainer(name: str, config: type, *, description: str = "",
+def register_trainer(name: str, config: type, *, description: str = "", smoke: dict[str, Any] | None = None,
                      deprecated_names: tuple[str, ...] = ()) -> Callable[[Callable[..., Checkpoint]], Callable[..., Checkpoint]]:
-    """Decorator: register ``fn(config, run)`` under ``name`` (snake_case, like model names)."""
+    """Decorator: register ``fn(config, run)`` under ``name`` (snake_case, like model names).
+
+    ``smoke``: config overrides for a seconds-long run on ``dataset = "synthetic"`` (see
+    :attr:`Trainer.smoke`); ``deprecated_names``: old spellings that still work, with a warning."""
 
     def wrap(fn: Callable[..., Checkpoint]) -> Callable[..., Checkpoint]:
         text = description or ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        trainer = Trainer(name, config, fn, text)
+        trainer = Trainer(name, config, fn, text, dict(smoke or {}))
         TRAINERS.register(name, lambda: trainer, text)
         for old in deprecated_names:
             DEPRECATED_NAMES[old] = name
