@@ -248,7 +248,7 @@ def test_add_build_check_submit(aa_result, tmp_path, capsys):
     # submit: the issue text on stdout, the RobustBench files on disk
     capsys.readouterr()
     bundle = tmp_path / "bundle"
-    assert main(["leaderboard", "submit", str(path), "--out", str(bundle),
+    assert main(["leaderboard", "submit", str(path), "--out-dir", str(bundle),
                  "--checkpoint-url", "https://example.org/w.safetensors"]) == 0
     issue = capsys.readouterr().out
     assert issue.startswith("[New Model] Doe2026Robust\n")
@@ -290,7 +290,7 @@ def test_add_refuses_non_comparable_results(aa_result, tmp_path, capsys):
     assert read_entry(path, strict=True).problems == []
     assert main(["leaderboard", "build", "--entries", str(entries)]) == 0
     assert "⚠ subset: first 1,017 of 10,000 test images" in (entries.parent / "README.md").read_text()
-    assert main(["leaderboard", "submit", str(path), "--out", str(tmp_path / "b")]) == 2
+    assert main(["leaderboard", "submit", str(path), "--out-dir", str(tmp_path / "b")]) == 2
     assert "RobustBench needs the full test set" in capsys.readouterr().err
 
 

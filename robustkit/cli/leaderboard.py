@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from robustkit.cli.options import warn
 from robustkit.core.errors import ConfigError
 from robustkit.leaderboard.entries import Entry, boards, iter_entry_files, load_entries, read_entry
 from robustkit.leaderboard.render import render_html, render_markdown, write_if_changed
@@ -37,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     va = lsub.add_parser("validate", help="check entry files (every problem, with the field and the fix)")
     va.add_argument("paths", nargs="+", metavar="PATH", help="entry files or folders (searched recursively)")
     va.add_argument("--strict", action="store_true", help="treat warnings (known quirks) as errors")
-    va.add_argument("--quiet", action="store_true", help="print errors only, not warnings")
+    va.add_argument("--quiet", action="store_true", help="print only the problems (warnings and errors), "
+                    "not the summary line")
     va.set_defaults(func=cmd_validate)
 
     ad = lsub.add_parser("add", help="write an entry from a robustkit result JSON",
@@ -74,7 +76,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     su = lsub.add_parser("submit", help="RobustBench issue text and pull-request files for an entry")
     su.add_argument("entry", help="entry JSON file")
-    su.add_argument("--out", help="folder for the bundle (default: submissions/<ModelId>)")
+    su.add_argument("--out-dir", help="folder for the bundle (default: submissions/<ModelId>)")
+    su.add_argument("--out", dest="out_deprecated", help=argparse.SUPPRESS)
     su.add_argument("--checkpoint-url", help="public URL of the weights (default: private submission)")
     su.add_argument("--code-url", help="URL of the code")
     su.add_argument("--model-zoo", action="store_true", help="ask for the model to join the model zoo")
@@ -98,12 +101,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(p)
             else:
                 n_warn += 1
-                if not args.quiet:
-                    print(p)
+                print(p)
     invalid = [e for e in entries if not e.valid]
-    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: {len(entries) - len(invalid)} valid, "
-          f"{len(invalid)} invalid; {n_err} error(s), {n_warn} warning(s)"
-          + (" (strict: warnings count as errors)" if args.strict else ""))
+    if not args.quiet:
+        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: {len(entries) - len(invalid)} valid, "
+              f"{len(invalid)} invalid; {n_err} error(s), {n_warn} warning(s)"
+              + (" (strict: warnings count as errors)" if args.strict else ""))
     return 1 if invalid else 0
 
 
@@ -221,7 +224,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
         architecture_available=args.architecture_available, license_url=args.license_url,
         evaluation_method=args.evaluation_method,
     )
-    out = Path(args.out) if args.out else Path("submissions") / entry.model_id
+    if args.out_deprecated:
+        warn("leaderboard submit --out is deprecated and will be removed in the next release; use --out-dir")
+        args.out_dir = args.out_dir or args.out_deprecated
+    out = Path(args.out_dir) if args.out_dir else Path("submissions") / entry.model_id
     written = write_submission(entry, out, opts)
     print(issue_text(entry, opts))
     print("wrote " + ", ".join(str(p) for p in written) + f" (next steps: {out / 'README.md'})", file=sys.stderr)

@@ -46,7 +46,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin in (list, tuple, Sequence):
         args = [a for a in get_args(tp) if a is not Ellipsis]
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(args[0], _type_name(args[0]))}" if args else "a list"
     if origin in (dict, Mapping):
         return "a table"
     if tp is type(None):
