@@ -220,10 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(rg, seed=None)
     rg.set_defaults(func=cmd_regress)
 
-    be = sub.add_parser("bench", help="benchmarks: latency (ms per image at each batch size)", add_help=False)
-    be.add_argument("which", help="latency (developer benchmarks: python eval/benchmarks/*.py)")
-    be.add_argument("rest", nargs=argparse.REMAINDER)
-    be.set_defaults(func=cmd_bench)
+    from robustkit.cli.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     from robustkit.cli.leaderboard import add_parser as add_leaderboard_parser
 
@@ -586,18 +585,6 @@ def cmd_list(args: argparse.Namespace) -> int:
             shape = "x".join(map(str, info.shape))
             print(f"{name:<14} {info.num_classes:>3} classes  {shape:<8} {info.description}")
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    # Developer benchmarks (harness overhead, airbench vs its reference) are scripts under
-    # eval/benchmarks/ in the repository; the installed command keeps the user-facing one.
-    if args.which == "latency":
-        from robustkit.eval.latency import main as latency_main
-
-        return int(latency_main(args.rest) or 0)
-    from robustkit.core.errors import UnknownNameError
-
-    raise UnknownNameError("benchmark", args.which, ["latency"])
 
 
 def _version() -> str:
