@@ -290,6 +290,17 @@ def validate_data(data: dict[str, Any], dataset: str | None, threat: str | None,
     _check_reported(data, err, warn)
     _check_eps(data, dataset, threat, err, warn)
 
+    _check_threat_fields(data, dataset, threat, err, warn)
+
+    ext = data.get(EXTENSION_KEY)
+    if EXTENSION_KEY in data:
+        _check_extension(ext, dataset, err, warn)
+    return out
+
+
+def _check_threat_fields(data: dict[str, Any], dataset: str | None, threat: str | None, err: Any,
+                         warn: Any) -> None:
+    """The fields an Lp or a corruptions leaderboard needs, and the ones it must not have."""
     if threat in ("Linf", "L2"):
         if "autoattack_acc" not in data:
             err("autoattack_acc", f"missing; every {threat} entry needs its AutoAttack accuracy",
@@ -313,11 +324,6 @@ def validate_data(data: dict[str, Any], dataset: str | None, threat: str | None,
         for k in ("autoattack_acc", "external", "unreliable"):
             if k in data:
                 err(k, f"an Lp field in a {threat} entry", f"move it to a {dataset}/Linf or L2 entry")
-
-    ext = data.get(EXTENSION_KEY)
-    if EXTENSION_KEY in data:
-        _check_extension(ext, dataset, err, warn)
-    return out
 
 
 def _check_percent(k: str, v: Any, err: Any, warn: Any) -> None:
