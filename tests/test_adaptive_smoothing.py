@@ -4,12 +4,15 @@ composite's checkpoint and the mixing-network trainer (tiny models, CPU)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from robustkit.core.checkpoint import save_checkpoint
+from robustkit.core.config import config_to_dict
 from robustkit.core.errors import CheckpointError, ConfigError
 from robustkit.models import create_model, load_model
 from robustkit.models.adaptive_smoothing import (
@@ -22,6 +25,10 @@ from robustkit.models.adaptive_smoothing import (
     mix_log_probs,
 )
 from robustkit.train import adaptive_smoothing as trainer
+from robustkit.train.adaptive_smoothing import AdaptiveSmoothingConfig
+
+RECIPE = Path(__file__).resolve().parents[1] / "defenses" / "adaptive_smoothing.cifar10_partial.toml"
+SHIPPED = Path(__file__).resolve().parents[1] / "robustkit" / "weights" / "adaptive_smoothing.cifar10_partial.json"
 
 # Tiny models on a shared CPU: extra OpenMP threads only wait on each other (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,8 +189,8 @@ def test_trainer_labels_clean_0_attacked_1_and_attacks_the_composite(monkeypatch
     monkeypatch.setattr(trainer, "comp_loss", spy)
     monkeypatch.setattr(apgd_mod, "randomized_attack", attack_spy)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    trainer.train_mixing(m, x, y, eps=8 / 255, epochs=1, batch_size=8, n_targets=1, iter_lo=1, iter_hi=2,
-                         progress=False)
+    config = AdaptiveSmoothingConfig(eps="8/255", epochs=1, batch_size=8, n_targets=1, iter_lo=1, iter_hi=2)
+    trainer.train_mixing(m, x, y, config, progress=False)
     assert seen["view"] == (False, True)  # mixer in eval mode, training constants, during the attack
     assert seen["is_adv"].tolist() == [0.0] * 8 + [1.0] * 16  # clean, APGD-CE copy, targeted copy
     assert m.attack_view is False and m.training is False
@@ -216,22 +223,59 @@ def test_training_moves_gamma_up_on_attacks_and_down_on_clean():
     before = separation()
     # BN(affine=False) fixes gamma's batch mean and spread in training: the mixer can only learn to
     # *rank* inputs, which on this toy needs a few epochs at a high rate and a visible (16/255) attack.
-    trainer.train_mixing(m, x, y, eps=16 / 255, epochs=6, batch_size=32, lr=1e-2, n_targets=1, iter_lo=3,
-                         iter_hi=5, progress=False, warmup_frac=0.0)
+    config = AdaptiveSmoothingConfig(eps="16/255", epochs=6, batch_size=32, lr=1e-2, n_targets=1, iter_lo=3,
+                                     iter_hi=5, warmup_frac=0.0)
+    trainer.train_mixing(m, x, y, config, progress=False)
     after = separation()
     assert after > before + 0.1, (before, after)
+
+
+def _resolve(path: Path, *overrides: str) -> AdaptiveSmoothingConfig:
+    from robustkit.core.config import read_recipe, resolve_config
+
+    _meta, fields = read_recipe(path)
+    return resolve_config(AdaptiveSmoothingConfig, recipe=fields, overrides=overrides)
 
 
 def test_recipe_validation(tmp_path):
     p = tmp_path / "r.toml"
     p.write_text('name = "x"\nepochs = 2\nn_target = 3\n')
     with pytest.raises(ConfigError, match="n_targets"):
-        trainer.read_recipe(p)
+        _resolve(p)
     p.write_text('epochs = 2\n')
-    assert trainer.read_recipe(p) == {"epochs": 2}
-    shipped = trainer.read_recipe(trainer.RECIPE)
-    assert set(shipped) <= set(trainer.OPTIONS)
-    json.dumps(shipped)
+    assert _resolve(p) == AdaptiveSmoothingConfig(epochs=2)
+    for bad, match in (("epochs = 2.5", "epochs"), ('eps = "8/0"', "eps"), ("iter_hi = 1", "iter_lo <= iter_hi"),
+                       ("alpha_min = 1.5", "alpha_min")):
+        p.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=match):
+            _resolve(p)
+    with pytest.raises(ConfigError, match="iter_lo <= iter_hi"):  # --set on top of a valid recipe, too
+        _resolve(RECIPE, "iter_lo=9")
+    json.dumps(config_to_dict(_resolve(RECIPE)))
+
+
+def test_shipped_checkpoint_records_the_recipe_config():
+    """The shipped sidecar's `config` is the recipe's resolved config, and it agrees with what the file
+    recorded when it was made: the re-deploy run's settings, the mixer it re-deployed, and the deployed
+    constants the composite is built with."""
+    from robustkit.core.config import read_recipe
+
+    meta = json.loads(SHIPPED.read_text())
+    config = _resolve(RECIPE)
+    assert read_recipe(RECIPE)[0]["trainer"] == meta["trainer"] == "adaptive_smoothing"
+    assert meta["config"] == config_to_dict(config)
+    training = meta["training"]
+    assert {**training["recipe"], "mixer_from": training["mixer_from"]["path"]} == meta["config"]
+    assert meta["arch_args"]["mixing"] == asdict(MixingConfig(**config.mixing()))
+    assert (meta["arch_args"]["std"], meta["arch_args"]["robust"]) == (config.std, config.robust)
+
+
+def test_print_config_reads_back_as_the_same_config(tmp_path, capsys):
+    from robustkit.cli import main
+
+    assert main(["train", "--recipe", str(RECIPE), "--print-config"]) == 0
+    (tmp_path / "printed.toml").write_text(capsys.readouterr().out)
+    assert _resolve(tmp_path / "printed.toml") == _resolve(RECIPE)
 
 
 def test_shipped_default_model_is_the_recipe_and_reproduces_its_card(real_data_dir):
@@ -245,9 +289,10 @@ def test_shipped_default_model_is_the_recipe_and_reproduces_its_card(real_data_d
     m = loaded.model
     assert loaded.name == "adaptive_smoothing.cifar10_partial"
     assert isinstance(m, MixedClassifier) and isinstance(m.g, AirbenchNet) and isinstance(m.h, LTDStudent)
-    recipe = trainer.read_recipe(trainer.RECIPE)
-    assert m.config.eval_bias == recipe["eval_bias"] and m.config.train_bias == recipe["train_bias"]
-    assert loaded.metadata["arch_args"]["std_sha256"].startswith("e44ecb70")
+    config = _resolve(RECIPE)
+    assert (m.config.eval_bias, m.config.alpha_min, m.config.train_bias) == (
+        config.eval_bias, config.alpha_min, config.train_bias)
+    assert loaded.metadata["arch_args"]["std_pin"] == load_model("airbench94.cifar10_partial_tta0").function_sha256
     x, y = load_split("cifar10", "test", data_dir=real_data_dir).tensors(200)
     with torch.no_grad():
         assert int((m(x).argmax(1) == y).sum()) == 111
@@ -255,20 +300,33 @@ def test_shipped_default_model_is_the_recipe_and_reproduces_its_card(real_data_d
     assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
 
 
-def test_cli_trains_then_redeploys_the_same_mixer_with_new_constants(tmp_path):
+def test_cli_trains_then_redeploys_the_same_mixer_with_new_constants(tmp_path, capsys):
     from robustkit.cli import main
 
     for i, name in enumerate(("g", "h")):
         save_checkpoint(_tiny(i), tmp_path / name, architecture="tiny_cnn", arch_args={}, dataset="synthetic",
                         num_classes=10)
-    common = ["--std", str(tmp_path / "g.safetensors"), "--robust", str(tmp_path / "h.safetensors"),
-              "--dataset", "synthetic", "--train-n", "16", "--batch-size", "16", "--iter-lo", "1", "--iter-hi", "1",
-              "--width", "8", "--val-n", "8", "--no-progress", "--threads", "1"]
+    common = ["--set", f"std={tmp_path / 'g.safetensors'}", "--set", f"robust={tmp_path / 'h.safetensors'}",
+              "--dataset", "synthetic", "--set", "train_n=16", "--set", "batch_size=16", "--set", "iter_lo=1",
+              "--set", "iter_hi=1", "--set", "width=8", "--set", "val_n=8", "--no-progress", "--threads", "1"]
     assert main(["train", "adaptive_smoothing", *common, "--out", str(tmp_path / "a")]) == 0
-    assert main(["train", "adaptive_smoothing", *common, "--alpha-min", "0.6", "--mixer-from",
-                 str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "b")]) == 0
+    redeploy = [*common, "--set", f"mixer_from={tmp_path / 'a.safetensors'}"]
+    assert main(["train", "adaptive_smoothing", *redeploy, "--set", "alpha_min=0.6", "--out", str(tmp_path / "b")]) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a["sha256"] == b["sha256"]  # the very same mixing-network weights
     assert a["arch_args"]["mixing"]["alpha_min"] == 0.0 and b["arch_args"]["mixing"]["alpha_min"] == 0.6
     assert b["training"]["mixer_from"]["sha256"] == a["sha256"]
+    assert b["training"]["epochs_log"] == a["training"]["epochs_log"]  # the mixer's training, carried over
+    assert (a["config"]["mixer_from"], b["config"]["mixer_from"]) == ("", str(tmp_path / "a.safetensors"))
+    assert {k: v for k, v in b["config"].items() if k not in ("alpha_min", "mixer_from")} == \
+        {k: v for k, v in a["config"].items() if k not in ("alpha_min", "mixer_from")}
     assert load_model(str(tmp_path / "b.safetensors")).model.config.alpha_min == 0.6
+    # A re-deploy whose config claims other training settings than the mixer had is refused (exit 2),
+    # and so is a source that does not exist, with the way out in the message.
+    capsys.readouterr()
+    assert main(["train", "adaptive_smoothing", *redeploy, "--set", "lr=0.01", "--out", str(tmp_path / "c")]) == 2
+    assert "trained with lr = 0.001" in capsys.readouterr().err
+    missing = [*common, "--set", f"mixer_from={tmp_path / 'none.safetensors'}", "--out", str(tmp_path / "d")]
+    assert main(["train", "adaptive_smoothing", *missing]) == 2
+    assert 'mixer_from = ""' in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists() and not (tmp_path / "d.json").exists()

@@ -1,8 +1,10 @@
-"""airbench (robustkit.models.airbench): every mechanism of the paper, checked on CPU at tiny widths.
+"""airbench (robustkit.models.airbench, robustkit.train.airbench): every mechanism of the paper, checked on
+CPU at tiny widths.
 
 Nothing here asserts airbench's 94%: that is a distributional claim over full CIFAR-10 on a GPU
 (`python eval/benchmarks/airbench.py`). These tests pin the algorithm: whitening, alternating flip,
-lookahead, TTA, the decoupled optimizer arithmetic, freezing, the variants and the checkpoints.
+lookahead, TTA, the decoupled optimizer arithmetic, freezing, the variants, the registered trainer, its
+shipped recipe and the checkpoints.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import tomllib
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -17,25 +20,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import robustkit.models.airbench as ab
+import robustkit.models.airbench as abm
+import robustkit.train.airbench as ab
 from robustkit.cli import main as cli_main
 from robustkit.core.checkpoint import save_checkpoint
+from robustkit.core.config import config_to_dict, read_recipe, resolve_config
 from robustkit.core.errors import CheckpointError, ConfigError, InputRangeError
 from robustkit.data import load_split
 from robustkit.models import create_model, load_model
-from robustkit.models.airbench import (
+from robustkit.models.airbench import AirbenchNet, arch_args_for, init_whitening, tta_logits
+from robustkit.train.airbench import (
     AIRBENCH94,
-    VARIANTS,
-    AirbenchNet,
+    SMOKE,
+    Airbench95Config,
+    Airbench96Config,
+    AirbenchConfig,
     Loader,
     Lookahead,
-    arch_args_for,
     decoupled_sgd_params,
-    init_whitening,
     lookahead_decay,
     lr_multiplier,
-    tta_logits,
 )
+from robustkit.train.base import RunOptions, get_trainer
 
 TINY = replace(AIRBENCH94, widths=(8, 16, 16), batch_size=64)
 
@@ -256,7 +262,7 @@ def test_short_training_run_learns_and_freezes(synth, monkeypatch):
             return F.cross_entropy(model.eval().logits(xs), ys).item()
 
     loss0 = loss_on(x, y)
-    res = ab.train(model, x, y, xt, yt, hp=hp, progress=False, seed=0)
+    res = ab.fit(model, x, y, xt, yt, hp, progress=False)
     assert res["total_steps"] == 3 * (256 // 64) and res["steps_per_epoch"] == 4
     assert loss_on(x, y) < loss0 - 0.05  # learns
     assert res["final_eval_acc"] is not None
@@ -276,9 +282,9 @@ def test_short_training_run_learns_and_freezes(synth, monkeypatch):
 def test_float16_on_cpu_is_refused(synth):
     x, y = synth
     with pytest.raises(ConfigError, match="float16 training needs CUDA"):
-        ab.train(tiny_model(), x, y, hp=TINY, device="cpu", dtype="float16", progress=False)
+        ab.fit(tiny_model(), x, y, hp=replace(TINY, dtype="float16"), device="cpu", progress=False)
     with pytest.raises(InputRangeError):
-        ab.train(tiny_model(), x * 2 - 1, y, hp=TINY, progress=False)  # not [0, 1] pixels
+        ab.fit(tiny_model(), x * 2 - 1, y, hp=TINY, progress=False)  # not [0, 1] pixels
 
 
 # ------------------------------------------------------------------ variants
@@ -293,12 +299,18 @@ def test_variants_differ_only_where_the_paper_says():
     assert (base["warmup_frac"], base["lr_start"], base["lr_peak"], base["lr_end"]) == (0.23, 0.2, 1.0, 0.07)
     assert base["scaling"] == pytest.approx(1 / 9) and base["bn_momentum"] == pytest.approx(0.4)
 
-    def diff(name: str) -> dict:
-        return {k: v for k, v in asdict(VARIANTS[name]).items() if v != base[k]}
+    def diff(config: AirbenchConfig) -> dict:
+        return {k: v for k, v in asdict(config).items() if v != base[k]}
 
-    assert diff("airbench95") == {"widths": (128, 384, 384), "epochs": 15.0, "lr": 10.0}
-    assert diff("airbench96") == {"widths": (128, 512, 512), "depth": 3, "epochs": 40.0, "lr": 9.0,
-                                  "translate": 4, "cutout": 12}
+    assert diff(Airbench95Config()) == {"widths": (128, 384, 384), "epochs": 15.0, "lr": 10.0}
+    assert diff(Airbench96Config()) == {"widths": (128, 512, 512), "depth": 3, "epochs": 40.0, "lr": 9.0,
+                                        "translate": 4, "cutout": 12}
+    # each registered trainer takes its variant's config; the network it trains is the registered architecture's
+    for name, cls in (("airbench94", AirbenchConfig), ("airbench95", Airbench95Config),
+                      ("airbench96", Airbench96Config)):
+        assert get_trainer(name).config is cls and cls.variant == name
+        net = asdict(abm.NETWORKS[name])
+        assert {k: getattr(cls(), k) for k in net} == net
     m96 = create_model("airbench96.init", widths=[8, 16, 16])
     assert hasattr(m96.groups[0], "conv3") and not hasattr(create_model("airbench95.init", widths=[8, 16, 16]).groups[0],
                                                             "conv3")
@@ -322,16 +334,17 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_train_cli_saves_a_loadable_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli_main(["train", "airbench94", "--dataset", "synthetic", "--n-train", "256", "--n-test", "64",
-                     "--widths", "8,16,16", "--batch-size", "64", "--epochs", "1.5", "--threads", "1",
-                     "--no-progress", "--out", str(out)]) == 0
+    tiny = ["--set", "n_train=256", "--set", "n_test=64", "--set", "widths=[8, 16, 16]", "--set", "batch_size=64"]
+    assert cli_main(["train", "airbench94", "--dataset", "synthetic", *tiny, "--set", "epochs=1.5", "--threads", "1",
+                     "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     meta = json.loads((tmp_path / "run.json").read_text())
     assert meta["architecture"] == "airbench94" and meta["arch_args"]["widths"] == [8, 16, 16]
+    # the resolved config is recorded, with the dtype "auto" resolved to what ran
+    want = replace(TINY, dataset="synthetic", n_train=256, n_test=64, epochs=1.5, dtype="float32")
+    assert meta["trainer"] == "airbench94" and meta["config"] == config_to_dict(want)
     tr = meta["training"]
-    assert tr["variant"] == "airbench94" and tr["overrides"] == {"widths": [8, 16, 16], "epochs": 1.5,
-                                                                 "batch_size": 64}
-    assert tr["recipe"]["lr"] == 11.5 and tr["total_steps"] == 6 and tr["data"]["train_indices"] == "0-255"
-    assert tr["command"].startswith("robustkit train airbench94 --dataset synthetic")
+    assert tr["total_steps"] == 6 and tr["steps_per_epoch"] == 4 and tr["data"]["train_indices"] == "0-255"
+    assert tr["threads"] == 1 and tr["dtype"] == "float32" and tr["compile"] is None
     m = meta["metrics"]
     assert m["n"] == 64 and m["clean_acc"] == m["clean_acc_tta2"]
     loaded = load_model(str(out) + ".safetensors")
@@ -339,8 +352,49 @@ def test_train_cli_saves_a_loadable_checkpoint(tmp_path, capsys):
     for level in (0, 2):  # what was measured is what loads (CPU fp32 is deterministic)
         assert ab.evaluate(loaded.model, x, y, level) == m[f"clean_acc_tta{level}"]
     assert "TTA0" in capsys.readouterr().out
-    assert cli_main(["train", "airbench94", "--dataset", "synthetic", "--out", str(out), "--dtype", "float16",
-                     "--device", "cpu"]) == 2
+    # user errors are one line and exit 2: float16 on a CPU, a misspelt field, a holdout too large
+    for bad, hint in ((["--set", "dtype=float16"], "float16 training needs CUDA"), (["--set", "widht=3"], "widths"),
+                      (["--set", "holdout=256"], "holdout")):
+        assert cli_main(["train", "airbench94", "--dataset", "synthetic", *tiny, *bad, "--device", "cpu",
+                         "--no-progress", "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert hint in err and len(err.strip().splitlines()) == 1
+
+
+def test_trainer_is_deterministic_and_pinned(tmp_path):
+    """Two runs of one config give the same checkpoint, and its numbers are pinned: the values are those
+    the pre-move trainer (robustkit.models.airbench.main at d24035c) gave for this config, so a change to
+    the loop, the loader's draws, the schedule or the optimizer arithmetic fails here. The tolerance
+    only admits another CPU's float32 kernels: lr 11.4 instead of 11.5, lr_end 0.08 instead of 0.07 or
+    label smoothing 0.19 instead of 0.2 each move these numbers by 5e-6 to 1e-4 (relative)."""
+    config = resolve_config(AirbenchConfig, recipe={**SMOKE, "epochs": 2.0})
+    trainer = get_trainer("airbench94")
+    a, b = (trainer(config, RunOptions(out=tmp_path / name, progress=False)) for name in ("a", "b"))
+    assert a.metadata["sha256"] == b.metadata["sha256"]
+    losses = [e["train_loss"] for e in a.metadata["training"]["epochs_log"]]
+    assert losses == pytest.approx([2.28517746925354, 2.2631609439849854], rel=2e-6)
+    state = load_model(str(a.path)).model.state_dict()
+    assert state["head.weight"].double().abs().sum().item() == pytest.approx(18.823176620528102, rel=2e-6)
+    assert a.metadata["training"]["total_steps"] == 8 and a.metadata["metrics"]["correct_tta2"] == 3
+
+
+def test_shipped_recipe_resolves_to_the_recorded_config(capsys):
+    """`robustkit train --recipe defenses/airbench94.cifar10_partial.toml` re-creates the exact config of the
+    shipped weights, and that config agrees with the training block the run recorded."""
+    recipe = Path(__file__).resolve().parents[1] / "defenses" / "airbench94.cifar10_partial.toml"
+    meta = json.loads((Path(abm.__file__).parents[1] / "weights" / "airbench94.cifar10_partial.json").read_text())
+    recipe_meta, fields = read_recipe(recipe)
+    assert recipe_meta["trainer"] == meta["trainer"] == "airbench94"
+    assert recipe_meta["name"] == "airbench94.cifar10_partial"
+    config = resolve_config(AirbenchConfig, recipe=fields)
+    assert meta["config"] == config_to_dict(config)
+    tr = meta["training"]
+    assert {k: meta["config"][k] for k in tr["recipe"]} == tr["recipe"]
+    assert (config.seed, config.dtype, config.dataset, config.holdout) == (tr["seed"], tr["dtype"], "cifar10", 0)
+    assert config.n_train is None and tr["data"]["n_train"] == 5438  # all of them
+    assert cli_main(["train", "--recipe", str(recipe), "--print-config"]) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed == {"trainer": "airbench94", **{k: v for k, v in meta["config"].items() if v is not None}}
 
 
 def test_unknown_producer_lists_airbench(capsys):
@@ -351,7 +405,9 @@ def test_unknown_producer_lists_airbench(capsys):
 def test_shipped_weights_load_verified_with_both_tta_tags(tmp_path):
     full = load_model("airbench94.cifar10_partial")
     fast = load_model("airbench94.cifar10_partial_tta0")
-    assert full.checkpoint_sha256 == fast.checkpoint_sha256 == ab.AIRBENCH94_CIFAR10_PARTIAL_SHA256
+    assert full.checkpoint_sha256 == fast.checkpoint_sha256 == full.metadata["sha256"]
+    # one file, one pin; the tta0 tag's override is the registry's own, so its function pin differs
+    assert full.function_sha256 == abm.AIRBENCH94_CIFAR10_PARTIAL_PIN != fast.function_sha256
     assert full.model.tta_level == 2 and fast.model.tta_level == 0  # one file, two arch_args
     assert create_model("airbench94").tta_level == 2  # the default tag is the card's headline
     for a, b in zip(full.model.state_dict().values(), fast.model.state_dict().values(), strict=True):
@@ -359,7 +415,7 @@ def test_shipped_weights_load_verified_with_both_tta_tags(tmp_path):
     m = full.metadata["metrics"]
     assert m["n"] == 1017 and m["clean_acc"] == m["clean_acc_tta2"]
     # a tampered file is refused by the pinned sha256
-    src = ab.__file__.rsplit("/models/", 1)[0] + "/weights/airbench94.cifar10_partial"
+    src = abm.__file__.rsplit("/models/", 1)[0] + "/weights/airbench94.cifar10_partial"
     for suffix in (".safetensors", ".json"):
         (tmp_path / ("w" + suffix)).write_bytes(open(src + suffix, "rb").read())
     data = bytearray((tmp_path / "w.safetensors").read_bytes())
@@ -368,7 +424,7 @@ def test_shipped_weights_load_verified_with_both_tta_tags(tmp_path):
     from robustkit.models.base import load_checkpoint_model
 
     with pytest.raises(CheckpointError, match="sha256"):
-        load_checkpoint_model(tmp_path / "w", expected_sha256=ab.AIRBENCH94_CIFAR10_PARTIAL_SHA256)
+        load_checkpoint_model(tmp_path / "w", expected_pin=abm.AIRBENCH94_CIFAR10_PARTIAL_PIN)
 
 
 def test_shipped_weights_reproduce_their_recorded_accuracy(real_data_dir):

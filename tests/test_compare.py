@@ -1,5 +1,7 @@
 """The LTD comparison/ablation driver builds its tables from what is on disk (no subprocess here:
-every checkpoint and result the driver would produce already exists, so it only reads them)."""
+every checkpoint and result the driver would produce already exists, so it only reads them).
+Checkpoints live in the work folder, results and tables in the out folder; a table rebuilds from the
+out folder alone once the checkpoints are gone."""
 
 from __future__ import annotations
 
@@ -38,37 +40,75 @@ def _result(path: Path, clean: float, robust: float, square_broke: int) -> None:
 def test_ablation_picks_best_holdout_pgd_then_clean(tmp_path: Path) -> None:
     scores = {(0.5, 1.0): (0.40, 0.20), (0.5, 2.0): (0.45, 0.25), (1.0, 1.0): (0.50, 0.25),
               (1.0, 2.0): (0.30, 0.10)}
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
     for (tt, ts), (c, p) in scores.items():
-        _ckpt(tmp_path / f"ltd_tt{tt:g}_ts{ts:g}.json", "ltd", "trades", c, p, tau_t=tt, tau_s=ts)
-    assert compare.main(["--ablation", "--tau-t", "0.5,1", "--tau-s", "1,2", "--out-dir", str(tmp_path)]) == 0
-    table = json.loads((tmp_path / "ablation.json").read_text())
+        _ckpt(work / f"ltd_tt{tt:g}_ts{ts:g}.json", "ltd", "trades", c, p, tau_t=tt, tau_s=ts)
+    argv = ["--ablation", "--tau-t", "0.5,1", "--tau-s", "1,2", "--out-dir", str(out), "--work-dir", str(work)]
+    assert compare.main(argv) == 0
+    table = json.loads((out / "ablation.json").read_text())
     # (0.5, 2) and (1, 1) tie on PGD-10 at 25%; the higher clean accuracy (50%) wins.
     assert table["picked"] == {"tau_t": 1.0, "tau_s": 1.0}
     assert [r["holdout_pgd10_acc"] for r in table["rows"]] == [0.20, 0.25, 0.25, 0.10]
-    md = (tmp_path / "ablation.md").read_text()
+    assert table["rows"][0]["holdout_curve"][-1] == {"val_n": 500, "val_clean_acc": 0.40, "val_pgd10_acc": 0.20}
+    md = (out / "ablation.md").read_text()
     assert md.count("(picked)") == 1 and "| 1 | 1 | 50.00% | 25.00% **(picked)**" in md
+    assert sorted(f.name for f in out.iterdir()) == ["ablation.json", "ablation.md"]  # no checkpoint here
+
+    # without the checkpoints the committed rows are reused (no training), giving the same table
+    for f in work.iterdir():
+        f.unlink()
+    assert compare.main(argv) == 0
+    assert json.loads((out / "ablation.json").read_text())["rows"] == table["rows"]
 
 
 def test_comparison_table_reads_checkpoints_and_results(tmp_path: Path) -> None:
     runs = {"pgd-at": ("pgd-at", "pgd-at", 0.60, 0.30, 0), "pgd-at+ltd": ("ltd", "pgd-at", 0.62, 0.31, 0),
             "trades": ("trades", "trades", 0.55, 0.29, 2), "trades+ltd": ("ltd", "trades", 0.57, 0.32, 0)}
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
     for name, (method, fw, clean, robust, sq) in runs.items():
-        stem = tmp_path / name.replace("+", "_")
+        stem = work / name.replace("+", "_")
         _ckpt(stem.with_suffix(".json"), method, fw, 0, 0, tau_t=0.5, teacher="small_cnn")
-        _result(tmp_path / f"{stem.name}__autoattack-n1000.json", clean, robust, sq)
-    assert compare.main(["--out-dir", str(tmp_path)]) == 0
-    table = json.loads((tmp_path / "table.json").read_text())
+        # the name `robustkit eval` gives a result, in the out folder
+        _result(out / f"{stem.name}__autoattack__cifar10-n1000-s0.json", clean, robust, sq)
+    assert compare.main(["--out-dir", str(out), "--work-dir", str(work)]) == 0
+    table = json.loads((out / "table.json").read_text())
     rows = {r["run"]: r for r in table["rows"]}
     assert rows["trades+ltd"]["ltd"] and not rows["trades"]["ltd"]
     assert rows["trades"]["square_broke"] == 2 and rows["pgd-at+ltd"]["autoattack_acc"] == 0.31
-    md = (tmp_path / "table.md").read_text()
+    assert rows["trades"]["train_wall_s"] == 12.0 and len(rows["trades"]["val_curve"]) == 2
+    md = (out / "table.md").read_text()
     assert "| trades+ltd | 57.00% | **32.00%** | 34.00% | 0 / 0 |" in md
-    assert (tmp_path / "table.png").stat().st_size > 1000
+    assert (out / "table.png").stat().st_size > 1000
     # paired test: pgd-at+ltd is robust on 310 = pgd-at's 300 plus 10 more, so 10 discordant pairs, all
     # one way: exact two-sided p = 2 / 2**10.
     t = {x["b"]: x for x in table["paired_tests"]}["pgd-at+ltd"]["robust"]
     assert t == {"only_a": 0, "only_b": 10, "p_value": 2 / 2**10}
     assert "flags" not in " ".join(rows["trades"])  # per-example flags stay in the result files
+
+    # the checkpoints gone (they are never committed), the table rebuilds from table.json + results
+    for f in work.iterdir():
+        f.unlink()
+    assert compare.main(["--out-dir", str(out), "--work-dir", str(work)]) == 0
+    assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+
+
+def test_comparison_refuses_a_result_without_training_facts(tmp_path: Path) -> None:
+    from robustkit.core.errors import DataError
+
+    _result(tmp_path / "trades__autoattack__cifar10-n1000-s0.json", 0.5, 0.2, 0)
+    with pytest.raises(DataError, match="training facts"):
+        compare.main(["--runs", "trades", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "w")])
+
+
+def test_committed_log_shows_no_machine_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    cmd = [sys.executable, "-m", "robustkit", "--recipe", str(tmp_path / "defenses" / "x.toml"), "/elsewhere/y"]
+    assert compare._shown(cmd) == "python -m robustkit --recipe defenses/x.toml /elsewhere/y"
 
 
 def test_mcnemar_exact_matches_hand_computed_values() -> None:
@@ -85,3 +125,24 @@ def test_unknown_run_lists_choices(tmp_path: Path) -> None:
 
     with pytest.raises(UnknownNameError, match="trades"):
         compare.main(["--runs", "tradez", "--out-dir", str(tmp_path)])
+
+
+def test_runs_train_through_the_trainer_registry(tmp_path: Path, one_thread: None) -> None:
+    """A comparison run is the registered trainer with its recipe plus the run's and the shared
+    overrides (here the LTD run on PGD-AT, shrunk to seconds on synthetic data), and the table reads
+    the facts of the checkpoint that writes (trainer and config, not the pre-registry recipe block)."""
+    import argparse
+
+    trainer, recipe, extra = compare.RUNS["pgd-at+ltd"]
+    shared = ["--epochs", "1", "--dataset", "synthetic", "--arch", "tiny_cnn", "--n-train", "32", "--n-test", "8",
+              "--batch-size", "16", "--steps", "1", "--val-pgd-n", "4", "--teacher", "tiny_cnn.init"]
+    args = argparse.Namespace(threads=None, device="cpu", data_dir=None, no_progress=True)
+    stem, log = tmp_path / "pgd-at_ltd", tmp_path / "log.txt"
+    compare._train(trainer, recipe, [*extra, "arch_args={}", *compare._overrides(shared)], stem, args, log)
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    assert meta["trainer"] == "ltd" and meta["config"]["framework"] == "pgd_at" and meta["config"]["epochs"] == 1
+    assert meta["config"]["tau_t"] == 0.5 and meta["config"]["steps"] == 1  # the recipe's, then the overrides
+    facts = compare._checkpoint_facts(stem.with_suffix(".json"))
+    assert facts["ltd"] and facts["framework"] == "pgd-at" and facts["tau_s"] == 2.0
+    assert facts["teacher"] == "tiny_cnn.init" and len(facts["val_curve"]) == 1
+    assert log.read_text().startswith("$ robustkit train ltd --recipe defenses/ltd.toml --set framework=pgd_at")

@@ -13,7 +13,7 @@ from robustkit.attacks.base import Attack
 from robustkit.cli import main
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import ThreatModel
-from robustkit.eval import evaluate, robustness_curve
+from robustkit.eval import Subject, evaluate, robustness_curve
 from robustkit.eval.curve import Curve, CurveWarning, analyse, eps_labels, parse_eps_spec
 
 N = 64
@@ -127,7 +127,7 @@ def pgd_curve(tiny_model, data) -> Curve:
     x, y = data
     return robustness_curve(tiny_model, lambda e: PGD(ThreatModel("Linf", e), steps=3),
                             "0:8/255:2/255", x, y, batch_size=32, device="cpu", seed=3, progress=False,
-                            model_name="tiny", attack_name="pgd", dataset="synthetic")
+                            subject=Subject(model="tiny", dataset="synthetic"), attack_name="pgd")
 
 
 def test_curve_is_monotone_and_starts_at_clean(pgd_curve, tiny_model, data):

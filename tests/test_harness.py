@@ -13,7 +13,7 @@ import torch
 from robustkit import create_attack, evaluate
 from robustkit.attacks.base import Attack
 from robustkit.core.errors import BudgetViolationError, ConfigError, InputRangeError
-from robustkit.eval import EvalResult
+from robustkit.eval import EvalResult, Subject
 
 # All four standard stages, shortened so the test takes seconds (version='custom' keeps
 # pyautoattack's constructor defaults, so every setting that matters is stated).
@@ -107,10 +107,25 @@ def test_clean_only_and_records(tiny_model, synthetic_test, tmp_path):
     assert sum(r.get("type") == "commit" for r in lines) == 3
 
 
+
+def test_saved_result_records_path_is_relative_to_the_result(tiny_model, synthetic_test, tmp_path,
+                                                             monkeypatch):
+    """A result names its records relative to itself, never by this machine's absolute path."""
+    from robustkit.eval.results import EvalResult
+
+    x, y = synthetic_test
+    monkeypatch.chdir(tmp_path)
+    res = evaluate(tiny_model, None, x[:8], y[:8], batch_size=8, records_path=tmp_path / "out" / "r.records.jsonl",
+                   progress=False)
+    assert json.loads(res.save(tmp_path / "out" / "r.json").read_text())["records_path"] == "r.records.jsonl"
+    assert json.loads(res.save("elsewhere/r.json").read_text())["records_path"] == "../out/r.records.jsonl"
+    assert EvalResult.load(tmp_path / "out" / "r.json").records_path == "r.records.jsonl"
+
+
 def test_result_json_roundtrip(tiny_model, synthetic_test, tmp_path):
     x, y = synthetic_test[0][:16], synthetic_test[1][:16]
     res = evaluate(tiny_model, create_attack("pgd", eps=EPS, steps=3), x, y, batch_size=8, seed=5,
-                   progress=False, model_name="tiny", dataset="synthetic")
+                   progress=False, subject=Subject(model="tiny", dataset="synthetic"))
     path = res.save(tmp_path / "res.json")
     d = json.loads(path.read_text())
     for key in ("schema_version", "clean_accuracy", "robust_accuracy", "n_examples", "model", "attack",

@@ -192,14 +192,14 @@ def aa_result(tmp_path_factory, tiny_model) -> dict:
     """A real standard-AutoAttack result of the tiny model (8 synthetic images), as JSON."""
     from robustkit.attacks import create_attack
     from robustkit.data import load_split
-    from robustkit.eval import evaluate
+    from robustkit.eval import Subject, evaluate
 
     x, y = load_split("synthetic", "test").tensors(8)
     attack = create_attack("autoattack", norm="Linf", eps="8/255")
+    subject = Subject(model="tiny", dataset="synthetic", model_info={"architecture": "tiny_cnn"},
+                      data_info={"split": "test", "indices": "first-n", "source": "synthetic"})
     result = evaluate(tiny_model, attack, x, y, batch_size=8, device="cpu", progress=False,
-                      model_name="tiny", attack_name="autoattack", dataset="synthetic",
-                      data_info={"split": "test", "indices": "first-n", "source": "synthetic"},
-                      model_info={"architecture": "tiny_cnn"})
+                      subject=subject, attack_name="autoattack")
     return result.to_dict()
 
 

@@ -1,6 +1,6 @@
 """LTD (Low Temperature Distillation): soft labels, the fixed-temperature student (same function in
 train and eval: no defensive-distillation gradient masking), exact reduction to PGD-AT / TRADES
-with one-hot labels, the "ltd" checkpoint round trip and `robustkit train ltd`."""
+with one-hot labels, the "ltd" checkpoint round trip and `robustkit train ltd` (trainer robustkit.train.ltd)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,16 @@ from torch import nn
 
 from robustkit.models import create_model, load_model
 from robustkit.models.ltd_student import LTDStudent
-from robustkit.train.adversarial import framework_loss, kl_div, soft_cross_entropy, train
-from robustkit.train.ltd import ltd_targets, soft_labels, teacher_stats
+from robustkit.train._adversarial import (
+    AdversarialConfig,
+    Method,
+    build_model,
+    fit,
+    framework_loss,
+    kl_div,
+    soft_cross_entropy,
+)
+from robustkit.train.ltd import LTDConfig, ltd_targets, soft_labels, teacher_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,26 +128,27 @@ def test_student_can_start_from_a_checkpoint(tmp_path: Path, tiny_checkpoint: Pa
     from robustkit.core.checkpoint import save_checkpoint, sha256_file
     from robustkit.core.errors import ConfigError
     from robustkit.data import dataset_info
-    from robustkit.train.cli import OPTIONS, build_model
 
     info = dataset_info("synthetic")
-    cfg = {k: o.default for k, o in OPTIONS.items()} | {"init": str(tiny_checkpoint), "tau_s": 2.0}
-    model, arch, args, record = build_model("ltd", cfg, {}, info)
-    assert arch == "ltd" and args == {"base": "tiny_cnn", "base_args": {}, "tau_s": 2.0}
-    assert record is not None and record["checkpoint_sha256"] == sha256_file(tiny_checkpoint)
+    config = LTDConfig(arch="tiny_cnn", init=str(tiny_checkpoint), tau_s=2.0)
+    built = build_model(config, info, tau_s=config.tau_s)
+    assert built.architecture == "ltd" and built.arch_args == {"base": "tiny_cnn", "base_args": {}, "tau_s": 2.0}
+    assert built.init is not None and built.init["checkpoint_sha256"] == sha256_file(tiny_checkpoint)
     source = load_model(str(tiny_checkpoint)).model
     x, _ = _data(8)
     with torch.no_grad():
-        assert torch.equal(model.eval()(x), source(x) / 2.0)
+        assert torch.equal(built.model.eval()(x), source(x) / 2.0)
     # an LTD checkpoint as init: its base and weights, this run's temperature
-    save_checkpoint(model, tmp_path / "s", architecture="ltd", arch_args=args)
-    again, _, args2, _ = build_model("ltd", cfg | {"init": str(tmp_path / "s.safetensors"), "tau_s": 4.0},
-                                     {}, info)
-    assert args2["tau_s"] == 4.0 and args2["base"] == "tiny_cnn"
+    save_checkpoint(built.model, tmp_path / "s", architecture="ltd", arch_args=built.arch_args)
+    again = build_model(LTDConfig(arch="tiny_cnn", init=str(tmp_path / "s.safetensors"), tau_s=4.0), info, tau_s=4.0)
+    assert again.arch_args["tau_s"] == 4.0 and again.arch_args["base"] == "tiny_cnn"
     with torch.no_grad():
-        assert torch.equal(again.eval()(x), source(x) / 4.0)
-    with pytest.raises(ConfigError, match="--init fixes the architecture"):
-        build_model("ltd", cfg, {}, info, explicit_arch=True)
+        assert torch.equal(again.model.eval()(x), source(x) / 4.0)
+    # the config must say what is trained: the init's architecture, no arch_args of its own
+    for wrong in (LTDConfig(init=str(tiny_checkpoint)), LTDConfig(arch="tiny_cnn", arch_args={"width": 4},
+                                                                  init=str(tiny_checkpoint))):
+        with pytest.raises(ConfigError, match="the init fixes the architecture"):
+            build_model(wrong, info, tau_s=2.0)
 
 
 # ---------------------------------------------------------------------------------------- the loss
@@ -174,7 +183,7 @@ class _ChannelMeanTeacher(nn.Module):
         return self.fc((x.mean((2, 3)) - 0.5) * 40)
 
 
-@pytest.mark.parametrize("framework", ["pgd-at", "trades"])
+@pytest.mark.parametrize("framework", ["pgd_at", "trades"])
 def test_ltd_with_one_hot_soft_labels_is_exactly_the_framework(framework: str) -> None:
     """At tau_t -> 0 the teacher's soft labels are exactly one-hot; LTD training must then be
     bit-identical to the framework trained on the teacher's argmax labels (same inner examples,
@@ -187,17 +196,17 @@ def test_ltd_with_one_hot_soft_labels_is_exactly_the_framework(framework: str) -
         p = soft_labels(teacher, x, 1e-6)
         flipped = soft_labels(teacher, x.flip(3), 1e-6)
     assert torch.equal(p, F.one_hot(y_teacher, 10).float()) and torch.equal(flipped, p)  # the premise
-    kw = dict(framework=framework, steps=2, epochs=1, batch_size=16, crop_pad=0, awp=True,
-              progress=False, seed=4)
+    config = AdversarialConfig(epochs=1, batch_size=16, crop_pad=0, awp=True, seed=4)
+    method = Method(framework, steps=2)
     runs = []
     for targets_fn in (None, ltd_targets(teacher, 1e-6)):
         student = create_model("ltd.init", seed=1, base="small_cnn", base_args={"width": 4}, tau_s=2.0)
-        train(student, x, y_teacher, targets_fn=targets_fn, **kw)
+        fit(student, x, y_teacher, config, method, targets_fn=targets_fn, progress=False)
         runs.append(_state(student))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     # ... and soft labels that are not one-hot do change the run
     student = create_model("ltd.init", seed=1, base="small_cnn", base_args={"width": 4}, tau_s=2.0)
-    train(student, x, y_teacher, targets_fn=ltd_targets(teacher, 5.0), **kw)
+    fit(student, x, y_teacher, config, method, targets_fn=ltd_targets(teacher, 5.0), progress=False)
     assert not all(torch.equal(runs[0][k], v) for k, v in _state(student).items())
 
 
@@ -209,20 +218,20 @@ def test_cli_ltd_end_to_end(tmp_path: Path, tiny_checkpoint: Path, capsys: pytes
     from robustkit.core.checkpoint import sha256_file
 
     out = tmp_path / "ltd"
-    argv = ["train", "ltd", "--recipe", str(REPO / "defenses" / "ltd.toml"), "--dataset", "synthetic",
-            "--arch", "tiny_cnn", "--arch-arg", "width=4", "--teacher", str(tiny_checkpoint),
-            "--tau-t", "0.7", "--tau-s", "2", "--n-train", "48", "--n-test", "24", "--epochs", "1",
-            "--batch-size", "16", "--steps", "2", "--val-pgd-n", "8", "--threads", "1", "--no-progress",
+    sets = {"arch": "tiny_cnn", "arch_args": "{ width = 4 }", "teacher": str(tiny_checkpoint), "tau_t": "0.7",
+            "tau_s": "2", "n_train": "48", "n_test": "24", "epochs": "1", "batch_size": "16", "steps": "2",
+            "val_pgd_n": "8"}
+    argv = ["train", "--recipe", str(REPO / "defenses" / "ltd.toml"), "--dataset", "synthetic",
+            *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")], "--threads", "1", "--no-progress",
             "--out", str(out)]
     assert main(argv) == 0
     meta = json.loads((tmp_path / "ltd.json").read_text())
-    assert meta["architecture"] == "ltd"
+    assert meta["architecture"] == "ltd" and meta["trainer"] == "ltd"
     assert meta["arch_args"]["base"] == "tiny_cnn" and meta["arch_args"]["tau_s"] == 2.0
     assert meta["arch_args"]["base_args"]["width"] == 4
-    tr = meta["training"]
-    assert tr["method"] == "ltd" and tr["framework"] == "trades"
-    assert tr["recipe"]["tau_t"] == 0.7 and tr["recipe"]["teacher_input"] == "clean"
-    assert tr["recipe"]["beta"] == 6.0 and tr["recipe"]["inner_objective"] == "KL(p(x) || p(x'))"
+    config, tr = meta["config"], meta["training"]
+    assert config["tau_t"] == 0.7 and config["teacher_input"] == "clean" and config["framework"] == "trades"
+    assert config["beta"] == 6.0 and tr["framework"] == "trades" and tr["inner_objective"] == "KL(p(x) || p(x'))"
     assert tr["teacher"]["model"] == str(tiny_checkpoint)
     assert tr["teacher"]["checkpoint_sha256"] == sha256_file(tiny_checkpoint)
     assert tr["teacher"]["train_stats_at_tau_t"]["acc"] > 0.5  # the trained tiny model, not a random one
@@ -248,28 +257,30 @@ def test_recipe_unknown_key_fails_with_close_match(tmp_path: Path, capsys: pytes
 
     bad = tmp_path / "bad.toml"
     bad.write_text((REPO / "defenses" / "ltd.toml").read_text().replace("tau_t =", "tau_tt ="))
-    assert main(["train", "ltd", "--recipe", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert main(["train", "--recipe", str(bad), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'tau_tt'" in err and "did you mean 'tau_t'" in err
-    bad.write_text('method = "ltd"\nbeta = "six"\n')
-    assert main(["train", "ltd", "--recipe", str(bad), "--out", str(tmp_path / "x")]) == 2
-    assert "beta = 'six' is not valid" in capsys.readouterr().err
-    assert main(["train", "pgd-at", "--recipe", str(REPO / "defenses" / "ltd.toml"), "--out", "x"]) == 2
-    assert "is for method 'ltd'" in capsys.readouterr().err
+    bad.write_text('trainer = "ltd"\nbeta = "six"\n')
+    assert main(["train", "--recipe", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "beta = 'six': expected a number" in capsys.readouterr().err
+    assert main(["train", "pgd_at", "--recipe", str(REPO / "defenses" / "ltd.toml"), "--out", "x"]) == 2
+    assert "is for trainer 'ltd'" in capsys.readouterr().err
     bad.write_text('teacher = "small_cnn.cifar10_partial"\n')
     assert main(["train", "trades", "--recipe", str(bad), "--out", "x"]) == 2
-    assert "belongs to method ltd" in capsys.readouterr().err
+    assert "unknown key 'teacher' for TRADESConfig" in capsys.readouterr().err
 
 
 def test_shipped_ltd_is_the_recipe_and_reproduces_its_accuracy(real_data_dir: Path) -> None:
-    """`ltd.cifar10_partial` is base / 2 of a width-16 SmallCNN trained by defenses/ltd.toml, and its
-    clean accuracy on the first 200 real test images is what the card says (94 / 200)."""
+    """`ltd.cifar10_partial` is base / 2 of a width-16 SmallCNN trained by defenses/ltd.cifar10_partial.toml
+    (then defenses/ltd.toml), and its clean accuracy on the first 200 real test images is what the card
+    says (94 / 200)."""
     from robustkit.data import load_split
 
     loaded = load_model("ltd.cifar10_partial")
     assert isinstance(loaded.model, LTDStudent) and loaded.model.tau_s == 2.0
-    training = loaded.metadata["training"]
-    assert training["recipe"]["tau_t"] == 0.5 and training["framework"] == "trades"
+    config, training = loaded.metadata["config"], loaded.metadata["training"]
+    assert config["tau_t"] == 0.5 and config["framework"] == "trades" and loaded.metadata["trainer"] == "ltd"
+    assert training["recipe"]["tau_t"] == 0.5 and training["framework"] == "trades"  # the record it was derived from
     assert training["data"]["n_train"] == 5438
     x, y = load_split("cifar10", "test", data_dir=real_data_dir).tensors(200)
     with torch.no_grad():

@@ -21,6 +21,7 @@ from robustkit.eval.masking import (
     zero_gradient_check,
 )
 from robustkit.eval.results import EvalResult, StageResult
+from robustkit.eval.subject import Subject
 
 N = 32
 FAST = {"sweep_params": {"overrides": {"apgd.n_iter": 10}}, "square_queries": 100, "batch_size": 32,
@@ -60,13 +61,15 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="module")
 def normal_report(tiny_model, data) -> dict:
     x, y = data
-    return masking_report(tiny_model, x, y, eps="8/255", model_name="tiny", dataset="synthetic", **FAST)
+    return masking_report(tiny_model, x, y, eps="8/255", subject=Subject(model="tiny", dataset="synthetic"),
+                          **FAST)
 
 
 @pytest.fixture(scope="module")
 def masked_report(tiny_model, data) -> dict:
     x, y = data
-    return masking_report(Quantised(tiny_model), x, y, eps="8/255", model_name="tiny-quantised", **FAST)
+    return masking_report(Quantised(tiny_model), x, y, eps="8/255", subject=Subject(model="tiny-quantised"),
+                          **FAST)
 
 
 def test_normal_model_raises_no_flag(normal_report, tmp_path):

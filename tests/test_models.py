@@ -14,12 +14,12 @@ from robustkit.core.errors import CheckpointError, ConfigError, UnknownNameError
 from robustkit.models.base import (
     WEIGHTS_DIR,
     create_model,
-    list_models,
     load_checkpoint_model,
     load_model,
 )
-from robustkit.models.small_cnn import SmallCNN, TinyCNN, augment, train
+from robustkit.models.small_cnn import SmallCNN, TinyCNN
 
+REPO = Path(__file__).resolve().parents[1]
 SHIPPED_FILE = WEIGHTS_DIR / "small_cnn.cifar10_partial.safetensors"
 SHIPPED_META = WEIGHTS_DIR / "small_cnn.cifar10_partial.json"
 RB_SMALL = "Ding2020MMA"  # smallest single-checkpoint CIFAR-10 Linf zoo model (WRN-28-4, 5.8 M)
@@ -32,17 +32,14 @@ def _x(n: int = 4, seed: int = 0) -> torch.Tensor:
 # ---------------------------------------------------------------- registry and shipped weights
 
 
-def test_registry_lists_shipped_and_init_models() -> None:
-    names = list_models()
-    assert "small_cnn.cifar10_partial" in names
-    assert "tiny_cnn.init" in names
-    assert "small_cnn.init" in names
+# Every registered id (each shipped tag and each .init) is built, loaded and run by
+# tests/test_registries.py, parametrised from the registry; this file tests one model in depth.
 
 
 def test_create_small_cnn_loads_verified_shipped_weights() -> None:
     loaded = load_model("small_cnn")
     assert loaded.name == "small_cnn.cifar10_partial"
-    assert loaded.checkpoint_sha256 == small_cnn.SMALL_CNN_CIFAR10_PARTIAL_SHA256
+    assert loaded.function_sha256 == small_cnn.SMALL_CNN_CIFAR10_PARTIAL_PIN
     assert loaded.checkpoint_sha256 == sha256_file(SHIPPED_FILE)
     assert loaded.dataset == "cifar10" and loaded.num_classes == 10
     model = create_model("small_cnn")
@@ -124,36 +121,46 @@ def test_truncated_checkpoint_is_refused(tmp_path: Path) -> None:
 
 def test_shipped_registry_pin_catches_replaced_file(tmp_path: Path) -> None:
     _save_tiny(tmp_path / "tiny")
-    with pytest.raises(CheckpointError, match="sha256"):
-        load_checkpoint_model(tmp_path / "tiny", expected_sha256="0" * 64)
+    with pytest.raises(CheckpointError, match="registry"):
+        load_checkpoint_model(tmp_path / "tiny", expected_pin="0" * 64)
 
 
-# ---------------------------------------------------------------- trainer pieces
+# ---------------------------------------------------------------- its trainer (fast_at) and augmentation
 
 
 def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
+    from robustkit.train._loop import crop_flip
+
     x = _x(16)
-    a = augment(x, 4, torch.Generator().manual_seed(0))
-    b = augment(x, 4, torch.Generator().manual_seed(0))
+    a = crop_flip(x, 4, torch.Generator().manual_seed(0))
+    b = crop_flip(x, 4, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and torch.equal(a, b)
     assert a.min() >= 0 and a.max() <= 1
     # without padding every image is either itself or its mirror image
-    c = augment(x, 0, torch.Generator().manual_seed(1))
+    c = crop_flip(x, 0, torch.Generator().manual_seed(1))
     assert all(torch.equal(ci, xi) or torch.equal(ci, xi.flip(2)) for ci, xi in zip(c, x, strict=True))
     assert not torch.equal(c, x)
 
 
-def test_train_runs_adversarially_and_is_deterministic() -> None:
-    x, y = _x(64, seed=2), torch.arange(64) % 10
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        m = TinyCNN()
-        logs = train(m, x, y, x[:16], y[:16], epochs=2, batch_size=32, progress=False, val_pgd_n=8)
-        assert len(logs) == 2 and all(torch.isfinite(torch.tensor(lg["train_loss"])) for lg in logs)
-        assert not m.training
-        outs.append(m(x[:4]))
-    assert torch.equal(outs[0], outs[1])
+def _fast_at(out: Path, **fields: object) -> dict:
+    from robustkit.core.config import config_from_dict
+    from robustkit.train import RunOptions, get_trainer
+
+    trainer = get_trainer("fast_at")  # small_cnn's trainer (defenses/small_cnn.cifar10_partial.toml)
+    checkpoint = trainer(config_from_dict(trainer.config, fields), RunOptions(out=out, progress=False))
+    return checkpoint.metadata
+
+
+def test_train_runs_adversarially_and_is_deterministic(tmp_path: Path, one_thread: None) -> None:
+    small = {"arch": "tiny_cnn", "dataset": "synthetic", "n_train": 64, "n_test": 16, "epochs": 2,
+             "batch_size": 32, "val_pgd_n": 8}
+    metas = [_fast_at(tmp_path / f"run{i}", **small) for i in range(2)]
+    logs = metas[0]["training"]["epochs_log"]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(lg["train_loss"])) for lg in logs)
+    assert metas[0]["training"]["inner"] == "fgsm-rs"
+    assert metas[0]["sha256"] == metas[1]["sha256"]  # the same tensors, bit for bit
+    model = load_model(str(tmp_path / "run0.safetensors")).model
+    assert not model.training and model(_x(4)).shape == (4, 10)
 
 
 # ---------------------------------------------------------------- rb: adapter
@@ -292,13 +299,17 @@ def test_shipped_model_clean_accuracy_on_real_cifar10_matches_card(real_data_dir
 
 
 def test_training_cli_writes_loadable_checkpoint(real_data_dir: Path, tmp_path: Path) -> None:
+    from robustkit.cli import main
+
     out = tmp_path / "smoke"
-    meta = small_cnn.main([
-        "--dataset", "cifar10", "--data-dir", str(real_data_dir), "--out", str(out), "--width", "4",
-        "--epochs", "1", "--n-train", "64", "--n-test", "32", "--pgd-steps", "2", "--no-progress",
-    ])
+    code = main(["train", "--recipe", str(REPO / "defenses" / "small_cnn.cifar10_partial.toml"),
+                 "--data-dir", str(real_data_dir), "--out", str(out), "--set", "arch_args={ width = 4 }",
+                 "--set", "epochs=1", "--set", "n_train=64", "--set", "n_test=32", "--set", "val_pgd_n=8",
+                 "--threads", "1", "--no-progress"])
+    assert code == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["architecture"] == "small_cnn" and meta["arch_args"]["width"] == 4
     assert meta["training"]["data"]["n_train"] == 64 and meta["metrics"]["n"] == 32
-    assert meta["training"]["recipe"]["adv_eps"] == "8/255"
+    assert meta["trainer"] == "fast_at" and meta["config"]["eps"] == "8/255"
     loaded = load_checkpoint_model(out)
     assert loaded.model(_x(2)).shape == (2, 10)

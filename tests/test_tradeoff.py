@@ -12,6 +12,7 @@ from robustkit.attacks import PGD
 from robustkit.cli import main
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import ThreatModel
+from robustkit.eval import Subject
 from robustkit.eval import tradeoff as tradeoff_mod
 from robustkit.eval.tradeoff import Tradeoff, accuracy_tradeoff, parse_alphas, verdict
 from robustkit.models.adaptive_smoothing import MixedClassifier, MixingNet, auto_taps
@@ -99,7 +100,8 @@ def _pgd() -> PGD:
 def test_tradeoff_rows_json_png_and_resume(mixed, data, tmp_path, monkeypatch):
     x, y = data
     kwargs = dict(points_dir=tmp_path / "pts", batch_size=8, device="cpu", seed=1, progress=False,
-                  model_name="mix", attack_name="pgd", dataset="synthetic", command="robustkit tradeoff ...")
+                  subject=Subject(model="mix", dataset="synthetic"), attack_name="pgd",
+                  command="robustkit tradeoff ...")
     t = accuracy_tradeoff(mixed, _pgd, "0,0.5,1", x, y, **kwargs)
     assert [(r.kind, r.alpha, r.label) for r in t.rows] == [
         ("g", 0.0, "g"), ("h", 1.0, "h"), ("fixed", 0.5, "alpha_0.5"), ("adaptive", None, "adaptive")]
@@ -141,7 +143,7 @@ def test_tradeoff_rows_json_png_and_resume(mixed, data, tmp_path, monkeypatch):
 def test_check_endpoints_evaluates_mixed_alpha_0_and_1(mixed, data):
     x, y = data
     t = accuracy_tradeoff(mixed, _pgd, [0.0, 1.0], x, y, check_endpoints=True, batch_size=16,
-                          device="cpu", progress=False, model_name="mix")
+                          device="cpu", progress=False, subject=Subject(model="mix"))
     assert [r.label for r in t.rows] == ["g", "h", "alpha_0", "alpha_1", "adaptive"]
     assert [r.label for r in t.curve_rows()] == ["alpha_0", "alpha_1"]
     assert [c["reference"] for c in t.endpoint_checks] == ["g", "h"]
@@ -169,12 +171,12 @@ def test_cli_writes_json_png_and_points(mixed, tmp_path, monkeypatch, capsys):
                  "--no-progress", "--out-dir", str(out_dir)])
     out, err = capsys.readouterr()
     assert code == 0, err
-    d = json.loads((out_dir / "mix_test__pgd__n8.json").read_text())
+    d = json.loads((out_dir / "tradeoff__mix_test__pgd__synthetic-n8-s0.json").read_text())
     assert [r["kind"] for r in d["rows"]] == ["g", "h", "fixed", "adaptive"]
     assert d["command"].startswith("robustkit tradeoff --model mix_test --alphas 0.5 --attack pgd")
     assert "--attack-arg=steps=1" in d["command"] and d["attack_config"]["steps"] == 1
-    assert (out_dir / "mix_test__pgd__n8.png").read_bytes()[:4] == b"\x89PNG"
-    assert sorted(p.name for p in (out_dir / "mix_test__pgd__n8.points").glob("*.json")) == [
+    assert (out_dir / "tradeoff__mix_test__pgd__synthetic-n8-s0.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out_dir / "tradeoff__mix_test__pgd__synthetic-n8-s0.points").glob("*.json")) == [
         "adaptive.json", "alpha_0.5.json", "g.json", "h.json"]
     assert "verdict:" in out
 

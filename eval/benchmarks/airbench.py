@@ -21,7 +21,7 @@ How to run on the GPU
 
    (``legacy/airbench94_compiled.py`` works too: its two compiled copies are built as its own
    ``__main__`` does; then pass ``--compile`` so ours is compiled as well.)
-2. Bring data and pure-Python packages: ``/work/shared/tools/offline-bundle`` builds ``.offline/``
+2. Bring data and pure-Python packages: ``../shared/tools/offline-bundle`` builds ``.offline/``
    (``.offline/data`` holds the real partial datasets); on the GPU machine, from the repository root::
 
        export PYTHONPATH=$PWD:$PWD/.offline/site ROBUSTKIT_DATA=$PWD/.offline/data
@@ -225,24 +225,24 @@ class Ours:
     """robustkit's airbench94 on the same tensors. Compiled: one model re-initialised every run (as
     the reference's compiled script), so compilation happens once, in the warm-up."""
 
-    def __init__(self, data: dict[str, Any], hp: Any, device: torch.device, dtype: str,
-                 compile_mode: str | None) -> None:
-        self.data, self.hp, self.device, self.dtype, self.compile_mode = data, hp, device, dtype, compile_mode
+    def __init__(self, data: dict[str, Any], hp: Any, device: torch.device) -> None:
+        self.data, self.hp, self.device = data, hp, device  # hp: an AirbenchConfig, its dtype and compile set
         self._model: Any = None
 
     def run(self, seed: int) -> dict[str, Any]:
-        from robustkit.models.airbench import AirbenchNet, arch_args_for, train
+        from robustkit.models.airbench import AirbenchNet, arch_args_for
+        from robustkit.train.airbench import fit
 
         torch.manual_seed(seed)
-        if self.compile_mode and self._model is not None:
+        if self.hp.compile and self._model is not None:
             self._model.reset_parameters()
             model = self._model
         else:
             model = AirbenchNet(**arch_args_for(self.hp, num_classes=len(self.data["classes"])))
             self._model = model
         d = self.data
-        res = train(model, d["x_train"], d["y_train"], d["x_test"], d["y_test"], hp=self.hp, device=self.device,
-                    dtype=self.dtype, compile=self.compile_mode or False, seed=seed, progress=False)
+        res = fit(model, d["x_train"], d["y_train"], d["x_test"], d["y_test"], replace(self.hp, seed=seed),
+                  device=self.device, progress=False)
         return {"seconds": res["timed_seconds"], "tta_acc": res["final_eval_acc"],
                 "regions": {r["name"]: round(r["seconds"], 5) for r in res["regions"]},
                 "epoch_val_acc": [e.get("eval_acc_tta0") for e in res["epochs"]],
@@ -276,7 +276,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from robustkit.core.provenance import require_device
-    from robustkit.models.airbench import VARIANTS
+    from robustkit.train.airbench import AIRBENCH94
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python eval/benchmarks/airbench.py", description=__doc__,
@@ -291,9 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test-copies", type=int, default=10, help="copies of the real test images (default: 10)")
     p.add_argument("--n-test", type=int, default=None, help="use only the first N real test images (smoke tests)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="auto", help="ours: auto (float16 on CUDA, as the reference), bfloat16, "
-                   "float32")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float16", "bfloat16", "float32"],
+                   help="ours: auto (float16 on CUDA, as the reference), bfloat16, float32")
     p.add_argument("--compile", nargs="?", const="max-autotune", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile ours (default mode max-autotune, as airbench94_compiled.py)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up runs (smoke tests only)")
     p.add_argument("--allow-cpu", action="store_true",
@@ -331,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--widths {args.widths!r}: write e.g. 64,256,256") from None
     if overrides and args.reference:
         raise ConfigError("--epochs/--batch-size/--widths change ours only; they do not combine with --reference")
-    hp = replace(VARIANTS["airbench94"], **overrides)
+    hp = replace(AIRBENCH94, dtype=args.dtype, compile=args.compile, **overrides)
 
     threads_before = torch.get_num_threads()
     if args.threads:
@@ -345,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, argv: list[str], device: torch.device, hp: Any,
          overrides: dict[str, Any]) -> int:
     data = build_data(args.dataset, args.data_dir, args.n_train, args.test_copies, device, args.n_test)
-    ours = Ours(data, hp, device, args.dtype, args.compile)
+    ours = Ours(data, hp, device)
     env = environment(device)
     print(f"airbench94 benchmark on {env['device']}, torch {env['torch']} (CUDA {env['cuda']}); "
           f"{args.n_train} train ({data['description']['distinct_train_images']} distinct) / "
@@ -385,7 +386,7 @@ def _run(args: argparse.Namespace, argv: list[str], device: torch.device, hp: An
         "command": "python eval/benchmarks/airbench.py " + " ".join(argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": args.runs,
-        "ours": {"implementation": "robustkit.models.airbench.train", "hyperparameters": _jsonable(asdict(hp)),
+        "ours": {"implementation": "robustkit.train.airbench.fit", "hyperparameters": _jsonable(asdict(hp)),
                  "overrides": _jsonable(overrides), "dtype": runs_ours[0]["dtype"],
                  "compile": args.compile, "runs": runs_ours, "seconds": t_ours, "tta_acc": a_ours},
         "warmup": warmup,

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from robustkit.attacks import create_attack
     from robustkit.core.provenance import describe_device, package_versions, resolve_device
     from robustkit.data import load_split
-    from robustkit.eval import evaluate
+    from robustkit.eval import Subject, evaluate
     from robustkit.models import load_model
 
     p = argparse.ArgumentParser(prog="python eval/benchmarks/overhead.py", description=__doc__)
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     res = evaluate(model, attack, x, y, batch_size=args.batch_size, device=device, seed=args.seed,
-                                   records_path=Path(tmp) / "r.jsonl", progress=False, model_name=loaded.name)
+                                   records_path=Path(tmp) / "r.jsonl", progress=False,
+                                   subject=Subject(model=loaded.name))
                 flags[which] = [c == "1" for c in res.robust_flags or ""]
             if device.type == "cuda":
                 torch.cuda.synchronize()

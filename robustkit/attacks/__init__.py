@@ -1,7 +1,13 @@
-"""The attack registry: built-in attacks, TOML presets and ``foolbox:<Name>``.
+"""The attack registry: registered attacks, TOML presets and ``foolbox:<Name>``.
+
+Every module of this package whose name does not start with ``_`` is imported here; an attack file
+registers its class with :func:`register_attack` (``robustkit.attacks.base``) as the *kind* that
+presets name, and optionally as a name users type. A new attack is therefore one file (plus an
+optional preset); out-of-tree plug-ins (:mod:`robustkit.core.plugins`) register theirs when a
+name is first looked up.
 
 Names users type (``robustkit list attacks``):
-- ``fgsm``, ``pgd``: robustkit's own Linf/L2 attacks;
+- ``fgsm``, ``pgd``: robustkit's own Linf/L2 attacks (registered in ``pgd.py``);
 - presets from ``attacks/*.toml`` (shipped inside the package): ``autoattack``,
   ``autoattack-plus``, ``autoattack-rand``, ``autoattack-adaptive`` (for adaptive-smoothing
   models), ``apgd-ce``, ``apgd-t`` — each names an attack kind
@@ -12,40 +18,50 @@ Names users type (``robustkit list attacks``):
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# The public classes, re-exported (every module registers itself through _import_modules below).
 from robustkit.attacks.adaptive import AdaptiveAutoAttack
 from robustkit.attacks.autoattack import AutoAttack
-from robustkit.attacks.base import Attack, perturbation_norms, project
+from robustkit.attacks.base import ATTACKS, KINDS, Attack, perturbation_norms, project, register_attack
 from robustkit.attacks.pgd import FGSM, PGD
 from robustkit.core.errors import ConfigError, UnknownNameError
-from robustkit.core.registry import Registry
 from robustkit.core.threat import ThreatModel
+from robustkit.presets import attack_preset_dir
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets" / "attacks"
-
-# Attack kinds a preset may name; each maps (threat, **params) to an Attack.
-KINDS: dict[str, Callable[..., Attack]] = {"autoattack": AutoAttack, "pgd": PGD, "fgsm": FGSM,
-                                           "autoattack-adaptive": AdaptiveAutoAttack}
-
-ATTACKS: Registry[dict[str, Any]] = Registry("attack")
+PRESET_DIR = attack_preset_dir()  # attacks/ of a checkout, or the wheel's package data
 
 
-def _register_builtin() -> None:
-    ATTACKS.register("fgsm", lambda: {"attack": "fgsm", "params": {}},
-                     "FGSM (one signed-gradient step of size eps; --attack-arg random_start=true for FGSM-RS)")
-    ATTACKS.register("pgd", lambda: {"attack": "pgd", "params": {}},
-                     "PGD, 20 steps of 2.5*eps/20 from a random start (Madry et al.); Linf or L2")
+def _import_modules() -> None:
+    """Import every attack module (each registers its kinds), in name order."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def _register_presets() -> None:
+    # Parsed without the kind check: that looks the kind up, which would import the plug-ins while
+    # robustkit itself is still importing. A shipped preset's kind is checked when it is used (and
+    # by tests/test_registries.py, which runs every registered attack).
     for path in sorted(PRESET_DIR.glob("*.toml")):
-        preset = read_preset(path)
+        preset = _parse_preset(path)
         ATTACKS.register(path.stem, lambda p=preset: p, preset.get("description", ""), path=str(path))
 
 
 def read_preset(path: str | Path) -> dict[str, Any]:
     """Parse and validate a preset file: ``attack = "<kind>"`` plus a ``[params]`` table."""
+    preset = _parse_preset(path)
+    if preset["attack"] not in KINDS:
+        raise ConfigError(f"attack preset {path}: 'attack' must be one of {', '.join(KINDS.names())}, "
+                          f"got {preset['attack']!r}")
+    return preset
+
+
+def _parse_preset(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         data = tomllib.loads(p.read_text())
@@ -54,8 +70,8 @@ def read_preset(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"malformed attack preset {p}: {e}") from None
     kind = data.get("attack")
-    if kind not in KINDS:
-        raise ConfigError(f"attack preset {p}: 'attack' must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(kind, str):
+        raise ConfigError(f"attack preset {p}: 'attack' must name an attack kind, got {kind!r}")
     params = data.get("params", {})
     if not isinstance(params, dict):
         raise ConfigError(f"attack preset {p}: [params] must be a table")
@@ -93,8 +109,9 @@ def create_attack(
         except UnknownNameError:
             raise UnknownNameError("attack", name, [*ATTACKS.names(), "foolbox:<AttackName>"]) from None
     merged = _merge(preset["params"], params)
+    cls = KINDS.get(preset["attack"]).factory
     try:
-        return KINDS[preset["attack"]](threat, **merged)
+        return cls(threat, **merged)
     except TypeError as e:
         raise ConfigError(f"bad parameters for attack {name!r}: {e}") from None
 
@@ -115,18 +132,16 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
     kind = config["name"]
     threat = ThreatModel.create(config["norm"], config["eps"])
     params = {k: v for k, v in config.items() if k not in ("name", "norm", "eps", "implementation")}
+    if isinstance(kind, str) and kind.startswith("foolbox:"):
+        from robustkit.attacks.foolbox_adapter import FoolboxAttack
+
+        cls: Any = FoolboxAttack
+    elif isinstance(kind, str) and kind in KINDS:
+        cls = KINDS.get(kind).factory
+    else:
+        raise UnknownNameError("attack kind", str(kind), [*KINDS.names(), "foolbox:<AttackName>"])
     try:
-        if isinstance(kind, str) and kind.startswith("foolbox:"):
-            attack = _foolbox_from_config(threat, params)
-        elif kind in ("autoattack", "autoattack-adaptive"):
-            version = params.get("version", "standard")
-            extra = {"w": params["w"]} if kind == "autoattack-adaptive" and "w" in params else {}
-            attack = KINDS[kind](threat, version=version, overrides=params.get("overrides"),
-                                 attacks=params.get("stages") if version == "custom" else None, **extra)
-        elif kind in KINDS:
-            attack = KINDS[kind](threat, **params)
-        else:
-            raise UnknownNameError("attack kind", str(kind), [*KINDS, "foolbox:<AttackName>"])
+        attack = cls.from_config(threat, params)
     except TypeError as e:
         raise ConfigError(f"attack config for {kind!r} does not fit the attack: {e}") from None
     rebuilt = {k: v for k, v in attack.config().items() if k != "implementation"}
@@ -135,20 +150,6 @@ def attack_from_config(config: dict[str, Any]) -> Attack:
         diff = sorted(k for k in rebuilt.keys() | recorded.keys() if rebuilt.get(k) != recorded.get(k))
         raise ConfigError(f"attack config for {kind!r} does not round-trip (differs in {', '.join(diff)})")
     return attack
-
-
-def _foolbox_from_config(threat: ThreatModel, params: dict[str, Any]) -> Attack:
-    """foolbox configs list every constructor argument, some as repr() strings; pass back only
-    those that differ from the defaults (the config check then catches anything lost)."""
-    from robustkit.attacks.foolbox_adapter import FoolboxAttack
-
-    name = params.get("attack_name")
-    if not isinstance(name, str):
-        raise ConfigError("foolbox attack config lacks attack_name")
-    defaults = FoolboxAttack(threat, attack_name=name).config()["attack_kwargs"]
-    recorded = params.get("attack_kwargs") or {}
-    return FoolboxAttack(threat, attack_name=name,
-                         **{k: v for k, v in recorded.items() if defaults.get(k) != v})
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -161,9 +162,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_register_builtin()
+_import_modules()
+_register_presets()
 
 __all__ = [
-    "ATTACKS", "AdaptiveAutoAttack", "Attack", "AutoAttack", "FGSM", "PGD", "attack_from_config", "create_attack", "list_attacks",
-    "perturbation_norms", "project", "read_preset",
+    "ATTACKS", "KINDS", "AdaptiveAutoAttack", "Attack", "AutoAttack", "FGSM", "PGD", "attack_from_config",
+    "create_attack", "list_attacks", "perturbation_norms", "project", "read_preset", "register_attack",
 ]

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.attacks.autoattack import AutoAttack
+from robustkit.attacks.autoattack import SMOKE_OVERRIDES, AutoAttack
+from robustkit.attacks.base import register_attack
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import ThreatModel
 
@@ -117,6 +118,9 @@ class GammaLossModel:
         return self._run(x, lambda z: targeted_dlr_loss(z, y, y_target))
 
 
+# Offered to users as the preset attacks/autoattack-adaptive.toml (w = 0.5, the paper's value).
+@register_attack("autoattack-adaptive", smoke={"overrides": SMOKE_OVERRIDES},
+                 description="AutoAttack whose APGD losses add w*BCE(gamma, 1) on an adaptive-smoothing mixer")
 class AdaptiveAutoAttack(AutoAttack):
     """AutoAttack whose APGD stages maximise ``loss + w * BCEWithLogits(gamma, 1)``.
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.attacks.base import Attack
+from robustkit.attacks.base import Attack, register_attack
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import ThreatModel
 
@@ -29,8 +29,19 @@ VERSIONS: dict[str, list[str]] = {
 SUB_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 # Attribute prefixes accepted in overrides, e.g. {"apgd.n_restarts": 1, "square.n_queries": 500}.
 OVERRIDE_TARGETS = ("apgd", "apgd_targeted", "fab", "square")
+# Every stage of every version reduced to a couple of iterations, one restart and one target
+# class: what the registry tests run (the presets' own overrides are merged under these).
+SMOKE_OVERRIDES: dict[str, Any] = {
+    "apgd.n_iter": 2, "apgd.n_restarts": 1, "apgd.eot_iter": 1,
+    "apgd_targeted.n_iter": 2, "apgd_targeted.n_restarts": 1, "apgd_targeted.n_target_classes": 1,
+    "fab.n_iter": 2, "fab.n_restarts": 1, "fab.n_target_classes": 1,
+    "square.n_queries": 5, "square.n_restarts": 1,
+}
 
 
+# The user-facing names (autoattack, autoattack-plus, apgd-ce, ...) are presets: attacks/*.toml.
+@register_attack("autoattack", smoke={"overrides": SMOKE_OVERRIDES},
+                 description="AutoAttack through pyautoattack, stage by stage (standard/plus/rand/custom)")
 class AutoAttack(Attack):
     """Standard/plus/rand/custom AutoAttack (Croce & Hein, 2020) run stage by stage.
 
@@ -85,6 +96,14 @@ class AutoAttack(Attack):
 
     def stages(self) -> list[str]:
         return list(self._stages)
+
+    @classmethod
+    def from_config(cls, threat: ThreatModel, params: dict[str, Any]) -> Attack:
+        """The config records the stages every version runs; only ``custom`` takes them back."""
+        params = dict(params)
+        version = params.pop("version", "standard")
+        stages = params.pop("stages", None)
+        return cls(threat, version=version, attacks=stages if version == "custom" else None, **params)
 
     def config(self) -> dict[str, Any]:
         import pyautoattack

@@ -4,16 +4,22 @@ An attack is split into *stages* (AutoAttack has four: apgd-ce, apgd-t, fab-t, s
 attack has one). The harness, not the attack, owns batching, the survivor cascade (a stage only
 sees points every earlier stage failed to break), the budget check, re-prediction, records and
 resume. That keeps every attack — ours, pyautoattack's, foolbox's — checked the same way.
+
+Attacks register themselves in their own file with :func:`register_attack` (every module of
+:mod:`robustkit.attacks` is imported, so a new attack is one file, plus an optional preset).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from robustkit.core.plugins import load_plugins
+from robustkit.core.registry import Registry
 from robustkit.core.threat import ThreatModel, format_eps
 
 
@@ -64,12 +70,49 @@ class Attack(abc.ABC):
         """Every hyperparameter, JSON-serialisable (recorded in the result)."""
         return {"name": self.name, "norm": self.norm, "eps": self.eps}
 
+    @classmethod
+    def from_config(cls, threat: ThreatModel, params: dict[str, Any]) -> Attack:
+        """Rebuild the attack a result recorded: ``params`` is :meth:`config` less name, norm and eps.
+
+        The default passes them back to the constructor, which fits any attack whose config keys
+        are its keyword arguments; override it where they differ (AutoAttack records ``stages``)."""
+        return cls(threat, **params)
+
     def __repr__(self) -> str:
         extra = ", ".join(
             f"{k}={v!r}" for k, v in self.config().items() if k not in ("name", "norm", "eps")
         )
         sep = ", " if extra else ""
         return f"{type(self).__name__}({self.norm}, eps={format_eps(self.eps)}{sep}{extra})"
+
+
+# Attack kinds: the classes a preset's ``attack = "<kind>"`` (and a result's recorded config) names.
+KINDS: Registry[Attack] = Registry("attack kind", before_lookup=load_plugins)
+# Names users type (``--attack NAME``), each a kind plus parameters: an attack's own name
+# (``register_attack(..., name=...)``) or a preset file. Lookups import the plug-ins first.
+ATTACKS: Registry[dict[str, Any]] = Registry("attack", before_lookup=load_plugins)
+
+A = TypeVar("A", bound=type[Attack])
+
+
+def register_attack(kind: str, *, name: str | None = None, description: str = "",
+                    smoke: dict[str, Any] | None = None) -> Callable[[A], A]:
+    """Class decorator: register an :class:`Attack` subclass as ``kind``.
+
+    ``name``: also offer it as ``--attack NAME`` with its constructor defaults (leave it out when
+    presets name the kind's configurations, as AutoAttack's do). ``description``: what
+    ``robustkit list attacks`` shows (default: the class docstring's first line). ``smoke``:
+    parameters that make a run take well under a second on a tiny model (the registry tests run
+    every registered attack with them, so a new attack is tested without a test file naming it)."""
+
+    def wrap(cls: A) -> A:
+        text = description or ((cls.__doc__ or "").strip().splitlines() or [""])[0]
+        KINDS.register(kind, cls, text, smoke=dict(smoke or {}))
+        if name is not None:
+            ATTACKS.register(name, lambda: {"attack": kind, "params": {}}, text)
+        return cls
+
+    return wrap
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:

@@ -139,6 +139,17 @@ class FoolboxAttack(Attack):
             _raw, clipped, _success = self._attack(fmodel, x, y.detach(), epsilons=self.eps)
         return clipped.detach().to(dtype=x.dtype)
 
+    @classmethod
+    def from_config(cls, threat: ThreatModel, params: dict[str, Any]) -> Attack:
+        """The config lists every constructor argument, some as repr() strings: pass back only those
+        that differ from the defaults (the caller's round-trip check then catches anything lost)."""
+        name = params.get("attack_name")
+        if not isinstance(name, str):
+            raise ConfigError("foolbox attack config lacks attack_name")
+        defaults = cls(threat, attack_name=name).config()["attack_kwargs"]
+        recorded = params.get("attack_kwargs") or {}
+        return cls(threat, attack_name=name, **{k: v for k, v in recorded.items() if defaults.get(k) != v})
+
     def config(self) -> dict[str, Any]:
         """Every constructor argument of the foolbox attack, defaults included."""
         params: dict[str, Any] = {}

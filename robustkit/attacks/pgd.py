@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.attacks.base import Attack, project
+from robustkit.attacks.base import Attack, project, register_attack
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import ThreatModel
 
@@ -132,6 +132,8 @@ class _GradientAttack(Attack):
             raise ValueError(f"{type(self).__name__} has the single stage {self.name!r}, got {stage!r}")
 
 
+@register_attack("fgsm", name="fgsm", description="FGSM (one signed-gradient step of size eps; "
+                 "--attack-arg random_start=true for FGSM-RS)")
 class FGSM(_GradientAttack):
     """Fast gradient sign method (Goodfellow et al.); L2 uses the normalised gradient (FGM).
 
@@ -177,6 +179,8 @@ class FGSM(_GradientAttack):
         }
 
 
+@register_attack("pgd", name="pgd", smoke={"steps": 2},
+                 description="PGD, 20 steps of 2.5*eps/20 from a random start (Madry et al.); Linf or L2")
 class PGD(_GradientAttack):
     """Projected gradient descent (Madry et al.) with restarts and best-point tracking.
 

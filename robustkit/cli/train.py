@@ -19,7 +19,7 @@ EXAMPLES = """\
 examples:
   robustkit train --list
   robustkit train fast_at --help                                   # its config: fields, types, defaults
-  robustkit train ltd --recipe defenses/ltd.toml --out runs/ltd    # a recipe, as shipped
+  robustkit train --recipe defenses/ltd.cifar10_partial.toml --out runs/ltd   # a shipped file's recipe
   robustkit train --recipe defenses/ltd.toml --set epochs=2 --out runs/ltd_short
   robustkit train lightweight_cnn --dataset mnist --print-config   # the resolved config, as TOML
 """

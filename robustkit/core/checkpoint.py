@@ -5,12 +5,20 @@ safetensors holds tensors only, so loading a checkpoint can never execute code (
 architecture and its arguments, the normalisation, the training data and recipe, and the sha256
 of the tensor file, verified on every load so a truncated download or a swapped file is caught
 before it produces a wrong robustness number.
+
+The tensors alone do not define what a checkpoint computes: the same mixing network with an alpha
+floor of 0.8 or 0.0 is 13% or 0% robust, and an LTD student's ``tau_s`` lives in the sidecar. So the
+sidecar also records a *function pin*, ``function_sha256`` = sha256 of the canonical JSON of the
+tensor sha256 plus every :data:`FUNCTION_FIELDS` value, and one short digest per field (``pins``)
+so an edit can be named. Both are recomputed on load; the model registry pins the function, not
+just the file. Training, config, trainer and metrics are descriptive and stay editable.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,13 @@ from robustkit.core.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "robustkit.checkpoint"
 CHECKPOINT_VERSION = 1
+# The metadata a loader turns into the model and its evaluation: the builder gets architecture and
+# arch_args (deployed constants such as alpha_min, tau_s, tta_level live there), load_checkpoint_model
+# takes dataset and num_classes (which data, classes and threat model an evaluation uses), and
+# normalization states the input contract. Everything else in the sidecar describes how it was made.
+FUNCTION_FIELDS = ("architecture", "arch_args", "normalization", "dataset", "num_classes")
+# A field digest only has to tell an edit apart from the original; the function pin is a full sha256.
+FIELD_DIGEST_CHARS = 16
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -100,8 +115,97 @@ def save_checkpoint(
         "file": tensor_path.name,
         "sha256": sha256_file(tensor_path),
     }
+    pin_metadata(meta)
     meta_path.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return Checkpoint(tensor_path, meta)
+
+
+def _canonical(value: Any) -> bytes:
+    """The one JSON spelling of a value: sorted keys, no whitespace (what the pins hash)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _as_json(value: Any) -> Any:
+    # Hash what the sidecar will hold after a write and a read (tuples become lists, keys strings),
+    # so the pins computed when saving equal those recomputed when loading.
+    return json.loads(json.dumps(value))
+
+
+def function_pin(meta: dict[str, Any], tensor_sha256: str | None = None) -> str:
+    """sha256 over the tensor file's sha256 plus every :data:`FUNCTION_FIELDS` value of ``meta``.
+
+    ``tensor_sha256`` defaults to the one ``meta`` records; the loader passes the file's actual one.
+    """
+    fields = {k: meta.get(k) for k in FUNCTION_FIELDS}
+    fields["sha256"] = tensor_sha256 or meta.get("sha256")
+    return hashlib.sha256(_canonical(_as_json(fields))).hexdigest()
+
+
+def field_pins(meta: dict[str, Any]) -> dict[str, str]:
+    """Short digest of every function field, nested dicts flattened to dotted paths.
+
+    Flattening is what lets an error say ``arch_args.mixing.alpha_min`` rather than ``arch_args``.
+    A non-empty dict is a branch; anything else (a list, a number, ``{}``, ``None``) is a leaf.
+    """
+    out: dict[str, str] = {}
+
+    def walk(path: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{path}.{k}", v)
+        else:
+            out[path] = hashlib.sha256(_canonical(value)).hexdigest()[:FIELD_DIGEST_CHARS]
+
+    for key in (*FUNCTION_FIELDS, "sha256"):
+        walk(key, _as_json(meta.get(key)))
+    return out
+
+
+def pin_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``function_sha256`` and ``pins`` into ``meta`` (in place) from its current fields."""
+    meta["function_sha256"] = function_pin(meta)
+    meta["pins"] = field_pins(meta)
+    return meta
+
+
+def verify_function(
+    meta: dict[str, Any], meta_path: Path, tensor_sha256: str, expected_pin: str | None = None
+) -> str:
+    """Recompute the function pin of verified tensors + ``meta``; refuse edits; return the pin.
+
+    A changed field is named (its per-field digest differs); intact fields whose pin is not the
+    registry's ``expected_pin`` mean another checkpoint than the one the registry ships. A
+    sidecar written before pins existed loads with a warning unless the registry vouches for it.
+    """
+    pin = function_pin(meta, tensor_sha256)
+    recorded = meta.get("pins")
+    if recorded is None and "function_sha256" not in meta:
+        if expected_pin is None:
+            print(f"robustkit: warning: {meta_path} has no function pin (written before robustkit pinned "
+                  "architecture, arch_args and normalization): its tensors are verified, its function is not; "
+                  "re-save it to pin it", file=sys.stderr)
+    else:
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{meta_path}: its 'pins' entry is missing or malformed; restore the file")
+        now = field_pins(meta)
+        changed = sorted(k for k in recorded.keys() | now.keys() if recorded.get(k) != now.get(k))
+        if changed:
+            key = changed[0]
+            how = "edited" if key in recorded and key in now else "added" if key in now else "removed"
+            more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
+            raise CheckpointError(
+                f"{meta_path}: field {key} was {how} after the checkpoint was written (pinned "
+                f"{str(recorded.get(key, '-'))[:12]}, now {now.get(key, '-')[:12]}){more}; "
+                "re-train or restore the file")
+        if meta.get("function_sha256") != pin:
+            raise CheckpointError(
+                f"{meta_path}: its function_sha256 {str(meta.get('function_sha256'))[:12]}… does not match its "
+                f"pinned fields and tensors ({pin[:12]}…): the pin was edited; re-train or restore the file")
+    if expected_pin is not None and pin != expected_pin:
+        raise CheckpointError(
+            f"{meta_path}: function pin {pin[:12]}… differs from the registry's {expected_pin[:12]}…: the file "
+            "is intact but is not the checkpoint this model id ships; restore the shipped file")
+    return pin
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -127,30 +231,33 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, expected_sha256: str | None = None
+    path: str | Path, expected_pin: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Verify and load a checkpoint; return ``(state_dict, metadata)``.
 
-    The file's sha256 must equal the metadata's (and ``expected_sha256`` when given, e.g. the
-    value pinned in the model registry).
+    The file's sha256 must equal the metadata's, the metadata's function fields must be those that
+    were pinned when it was written, and the function pin must equal ``expected_pin`` when given
+    (the value the model registry ships). ``metadata`` gains ``sha256_verified`` and
+    ``function_sha256_verified``.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensor_path, _ = _paths(path)
+    tensor_path, meta_path = _paths(path)
     meta = read_metadata(path)
     actual = sha256_file(tensor_path)
-    for label, want in (("its metadata", meta["sha256"]), ("the registry", expected_sha256)):
-        if want is not None and actual != want:
-            raise CheckpointError(
-                f"sha256 mismatch for {tensor_path}: file is {actual[:12]}…, {label} says "
-                f"{str(want)[:12]}…; the file is corrupt or was replaced — re-download or re-train it"
-            )
+    if actual != meta["sha256"]:
+        raise CheckpointError(
+            f"sha256 mismatch for {tensor_path}: file is {actual[:12]}…, its metadata says "
+            f"{str(meta['sha256'])[:12]}…; the file is corrupt or was replaced — re-download or re-train it"
+        )
+    pin = verify_function(meta, meta_path, actual, expected_pin)
     try:
         state = load_file(str(tensor_path), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {tensor_path}: {e}") from None
     meta["sha256_verified"] = actual
+    meta["function_sha256_verified"] = pin
     return state, meta
 
 

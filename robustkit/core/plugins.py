@@ -17,12 +17,19 @@ from importlib.metadata import entry_points
 from robustkit.core.errors import ConfigError
 
 _LOADED: set[str] = set()
+_ENTRY_POINTS: list[str] | None = None  # read once a process: the installed packages do not change
 
 
 def load_plugins() -> list[str]:
-    """Import every configured plug-in not imported yet; return the module names imported now."""
+    """Import every configured plug-in not imported yet; return the module names imported now.
+
+    Registries call this before every lookup, so it must be cheap when nothing is new: the entry
+    points are read once, and the environment variable is split again (a test may change it)."""
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        _ENTRY_POINTS = [ep.value for ep in entry_points(group="robustkit.plugins")]
     names = [n.strip() for n in os.environ.get("ROBUSTKIT_PLUGINS", "").split(",") if n.strip()]
-    names += [ep.value for ep in entry_points(group="robustkit.plugins")]
+    names += _ENTRY_POINTS
     new = []
     for name in names:
         if name in _LOADED:

@@ -81,8 +81,21 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "git": git_commit(),
         "device": describe_device(device),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "command": sys.argv if sys.argv and sys.argv[0] else None,
+        "command": command_line(),
     }
+
+
+def command_line() -> list[str] | None:
+    """``sys.argv`` with the program as its name, not its path (``robustkit``, ``python -m robustkit``).
+
+    argv[0] is the absolute path of the console script or ``__main__.py``: recorded as is it ties a
+    committed result to one machine's install location and says nothing the rest of argv does not.
+    """
+    if not sys.argv or not sys.argv[0]:
+        return None
+    prog = Path(sys.argv[0])
+    name = f"python -m {prog.parent.name}" if prog.name == "__main__.py" else prog.name
+    return [name, *sys.argv[1:]]
 
 
 def training_run(device: object, wall: float, cpu: float) -> dict[str, Any]:

@@ -29,9 +29,17 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """A name -> factory map with close-match errors."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, before_lookup: Callable[[], object] | None = None) -> None:
+        """``before_lookup`` runs before every lookup (get, ``in``, iteration, names): the model and
+        attack registries import the configured plug-ins there, lazily, so a broken plug-in is a
+        one-line error of the command that looks a name up, never an import error of robustkit."""
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self._before_lookup = before_lookup
+
+    def _load(self) -> None:
+        if self._before_lookup is not None:
+            self._before_lookup()
 
     def register(
         self, name: str, factory: Callable[..., T], description: str = "", **meta: Any
@@ -55,17 +63,21 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Entry[T]:
         """Return the entry for ``name`` or raise with close matches."""
+        self._load()
         try:
             return self._entries[name.lower()]
         except KeyError:
             raise UnknownNameError(self.kind, name, self._entries) from None
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return isinstance(name, str) and name.lower() in self._entries
 
     def __iter__(self) -> Iterator[Entry[T]]:
+        self._load()
         return iter(sorted(self._entries.values(), key=lambda e: e.name))
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
+        self._load()
         return sorted(self._entries)

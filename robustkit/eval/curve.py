@@ -46,7 +46,14 @@ from robustkit.attacks.base import Attack
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import format_eps, parse_eps
 from robustkit.eval.harness import evaluate
-from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
+from robustkit.eval.results import (
+    EvalResult,
+    _fmt_seconds,
+    read_versioned_json,
+    text_table,
+    write_json_atomic,
+)
+from robustkit.eval.subject import Subject
 
 CURVE_SCHEMA = "robustkit.curve"
 CURVE_SCHEMA_VERSION = 1
@@ -193,13 +200,7 @@ class Curve:
             flag = "rises" if k in rising else (f"{p.n_inconsistent} broken earlier" if p.n_inconsistent else "")
             rows.append((p.eps_str, f"{100 * p.accuracy:.2f}%", f"{100 * p.accuracy_envelope:.2f}%",
                          _fmt_seconds(p.seconds), flag))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = []
-        for j, r in enumerate(rows):
-            cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:4], widths[1:4], strict=True)]
-            lines.append("  ".join([*cells, r[4]]).rstrip())
-            if j == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines = text_table(rows, note_column=True)
         head = (f"model {self.model} | data {self.dataset} (n={self.n_examples}) | attack {self.attack} | "
                 f"{self.norm} | seed {self.seed}")
         tail = f"clean accuracy {100 * self.clean_accuracy:.2f}%"
@@ -271,13 +272,14 @@ def robustness_curve(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    subject: Subject | None = None,
     records_dir: str | Path | None = None,
     **evaluate_kwargs: Any,
 ) -> Curve:
     """Accuracy of ``model`` on ``(x, y)`` at every eps of ``eps_list`` (a list or a grid spec).
 
-    ``attack_factory(eps)`` builds the attack at one eps; ``evaluate_kwargs`` go to
-    :func:`robustkit.eval.evaluate` (batch_size, device, seed, progress, model_name, ...).
+    ``attack_factory(eps)`` builds the attack at one eps; ``subject`` and ``evaluate_kwargs`` go to
+    :func:`robustkit.eval.evaluate` (attack_name, batch_size, device, seed, progress).
     With ``records_dir`` every point keeps its own per-example records file there, so a killed
     curve re-run with the same folder resumes: finished points and batches are not attacked again.
     """
@@ -294,11 +296,11 @@ def robustness_curve(
     def records(name: str) -> dict[str, Any]:
         return {} if rec_dir is None else {"records_path": rec_dir / f"{name}.records.jsonl", "resume": True}
 
-    base = evaluate(model, None, x, y, **evaluate_kwargs, **records("clean"))
+    subject = subject or Subject()
+    base = evaluate(model, None, x, y, subject=subject, **evaluate_kwargs, **records("clean"))
     clean_flags = base.clean_flags
     correct = [i for i, c in enumerate(clean_flags) if c == "1"]
     idx = torch.tensor(correct, dtype=torch.long)
-    sub_kwargs = {**evaluate_kwargs, "data_info": None}
     results: list[EvalResult] = [base]
 
     raw: list[dict[str, Any]] = []
@@ -320,7 +322,8 @@ def robustness_curve(
         flags = ["0"] * n
         seconds, fwd, bwd = 0.0, 0, 0
         if correct:
-            res = evaluate(model, attack, x[idx], y[idx], **sub_kwargs, **records(f"eps_{eps:.8g}"))
+            res = evaluate(model, attack, x[idx], y[idx], subject=subject.on_subset(), **evaluate_kwargs,
+                           **records(f"eps_{eps:.8g}"))
             results.append(res)
             for j, i in enumerate(correct):
                 flags[i] = res.robust_flags[j] if res.robust_flags else "0"

@@ -28,7 +28,10 @@ from robustkit.core.errors import BudgetViolationError, ConfigError, InputRangeE
 from robustkit.core.provenance import provenance, resolve_device
 from robustkit.eval.counting import PassCounter
 from robustkit.eval.records import RecordStore
-from robustkit.eval.results import EvalResult, StageResult
+from robustkit.eval.results import EvalResult, StageResult, subject_fields
+from robustkit.eval.subject import Subject, tensor_fingerprint
+
+__all__ = ["evaluate", "tensor_fingerprint"]
 
 BUDGET_TOLERANCE = 1e-5
 
@@ -39,18 +42,14 @@ def evaluate(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    subject: Subject | None = None,
+    attack_name: str | None = None,
     batch_size: int = 256,
     device: str | torch.device | None = "auto",
     seed: int = 0,
     records_path: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
-    model_name: str | None = None,
-    attack_name: str | None = None,
-    dataset: str | None = None,
-    data_info: dict[str, Any] | None = None,
-    checkpoint_sha256: str | None = None,
-    model_info: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)``, clean and (when ``attack`` is given) under attack.
 
@@ -59,6 +58,9 @@ def evaluate(
             its parameters get no ``.grad`` from the attacks. A model that runs several networks
             per input (an ensemble) says so with an ``number_forward_passes`` attribute.
         attack: a registered attack (see :func:`robustkit.create_attack`) or None for clean only.
+        subject: what is evaluated (model name, checkpoint, data provenance), written into the
+            result; default: the model's class name and a fingerprint of ``(x, y)``.
+        attack_name: the attack as the result names it (default: the attack's own name).
         x, y: float images in [0, 1] (N, C, H, W) and int labels (N,), kept on CPU; batches
             move to ``device``.
         records_path: JSONL file of per-example records; with ``resume`` a run that was killed
@@ -69,14 +71,14 @@ def evaluate(
     _validate_inputs(x, y, batch_size)
     dev = resolve_device(device)
     n = int(x.shape[0])
-    name = model_name or type(model).__name__
-    protocol = {
-        "model": name,
-        "checkpoint_sha256": checkpoint_sha256,
+    subject = subject or Subject()
+    protocol = {  # what a records file must match to be resumed
+        "model": subject.name_for(model),
+        "checkpoint_sha256": subject.checkpoint_sha256,
         "attack": attack_name or (attack.name if attack else None),
         "attack_config": attack.config() if attack else None,
-        "dataset": dataset,
-        "data_fingerprint": (data_info or {}).get("fingerprint") or tensor_fingerprint(x, y),
+        "dataset": subject.dataset,
+        "data_fingerprint": subject.fingerprint(x, y),
         "n_examples": n,
         "seed": int(seed),
         "batch_size": int(batch_size),
@@ -114,10 +116,9 @@ def evaluate(
     elapsed = time.time() - started
     stage_seconds = sum(s.seconds for s in stages)
     return EvalResult(
-        model=name,
+        **subject_fields(subject, model, protocol["data_fingerprint"], provenance(dev)),
         attack=protocol["attack"],
         attack_config=protocol["attack_config"],
-        dataset=dataset,
         norm=attack.norm if attack else None,
         eps=attack.eps if attack else None,
         seed=int(seed),
@@ -135,16 +136,8 @@ def evaluate(
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))},
         budget=budget,
         checks=checks,
-        data={**(data_info or {}), "fingerprint": protocol["data_fingerprint"]},
-        provenance={**provenance(dev), "checkpoint_sha256": checkpoint_sha256},
         records_path=str(records_path) if records_path else None,
         warnings=run_warnings,
-        model_info={
-            "class": type(model).__name__,
-            "num_parameters": sum(p.numel() for p in model.parameters()),
-            "number_forward_passes": int(getattr(model, "number_forward_passes", 1)),
-            **(model_info or {}),
-        },
     )
 
 
@@ -381,11 +374,3 @@ def _bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
         yield bar
     finally:
         bar.close()
-
-
-def tensor_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
-    """sha256 of the images (float32 NCHW bytes) then the labels (int64): same data, same hash."""
-    h = hashlib.sha256()
-    h.update(x.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    h.update(y.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()

@@ -47,7 +47,14 @@ from robustkit.core.provenance import provenance, resolve_device
 from robustkit.core.threat import ThreatModel, format_eps, parse_norm
 from robustkit.eval.curve import analyse, eps_labels, parse_eps_spec, robustness_curve, validate_eps_list
 from robustkit.eval.harness import _evaluation_mode, _model_checks, _validate_inputs, evaluate
-from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
+from robustkit.eval.results import (
+    EvalResult,
+    _fmt_seconds,
+    read_versioned_json,
+    subject_fields,
+    write_json_atomic,
+)
+from robustkit.eval.subject import Subject
 
 MASKING_SCHEMA = "robustkit.masking"
 MASKING_SCHEMA_VERSION = 1
@@ -88,10 +95,7 @@ def masking_report(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
-    model_name: str | None = None,
-    dataset: str | None = None,
-    data_info: dict[str, Any] | None = None,
-    checkpoint_sha256: str | None = None,
+    subject: Subject | None = None,
 ) -> dict[str, Any]:
     """Run the gradient-masking checks on ``(x, y)`` and return the report (a JSON-able dict).
 
@@ -111,34 +115,24 @@ def masking_report(
         zero_grad_threshold: largest tolerated fraction of correct examples without a gradient.
         grad_tol: L2 only: an input gradient of L2 norm <= it counts as no gradient.
         large_eps_max_accuracy: largest tolerated accuracy at the sweep's largest eps.
-        batch_size, seed, progress, model_name, dataset, data_info, checkpoint_sha256: as for
-            :func:`robustkit.eval.evaluate` (every attack run goes through it).
+        batch_size, seed, progress, subject: as for :func:`robustkit.eval.evaluate` (every
+            attack run goes through it; the report records the subject like a result).
     """
     started = time.time()
     _validate_inputs(x, y, batch_size)
     threat = ThreatModel.create(parse_norm(norm), eps)
-    if threat.eps <= 0:
-        raise ConfigError("the masking checks need eps > 0")
-    if isinstance(square_queries, bool) or not isinstance(square_queries, int) or square_queries < 0:
-        raise ConfigError(f"square queries must be an integer >= 0, got {square_queries!r}")
-    for label, value in (("zero-gradient threshold", zero_grad_threshold),
-                         ("large-eps accuracy threshold", large_eps_max_accuracy)):
-        if not 0.0 <= float(value) < 1.0:
-            raise ConfigError(f"{label} must be in [0, 1), got {value!r}")
-    if autoattack_result is not None and run_autoattack:
-        raise ConfigError("give an AutoAttack result or ask to run AutoAttack, not both")
+    _check_settings(threat, square_queries, zero_grad_threshold, large_eps_max_accuracy,
+                    autoattack_given=autoattack_result is not None, run_autoattack=run_autoattack)
     create_attack(sweep_attack, norm=threat.norm, eps=threat.eps, **(sweep_params or {}))  # fail before any run
     if confirm_attack is not None:
         create_attack(confirm_attack, norm=threat.norm, eps=threat.eps, **(confirm_params or {}))
-    aa_given = _load_aa_result(autoattack_result, threat, checkpoint_sha256)
+    subject = subject or Subject()
+    aa_given = _load_aa_result(autoattack_result, threat, subject.checkpoint_sha256)
     given_gap = square_gap_from_result(aa_given) if aa_given is not None else None  # bad results fail now
     grid = sweep_grid(threat, eps_grid, unbounded=unbounded)
     dev = resolve_device(device)
-    name = model_name or type(model).__name__
     run_kwargs: dict[str, Any] = dict(batch_size=batch_size, device=dev, seed=seed, progress=progress,
-                                      model_name=name, dataset=dataset, data_info=data_info,
-                                      checkpoint_sha256=checkpoint_sha256)
-    notes: list[str] = []
+                                      subject=subject)
     said: set[str] = set()  # warnings of the evaluations, which the checks below restate
     with warnings.catch_warnings(record=True) as caught:  # everything said goes into the report
         warnings.simplefilter("always")
@@ -152,32 +146,15 @@ def masking_report(
                        run_kwargs, said)
         if given_gap is not None:
             gap = given_gap
-        elif run_autoattack:
-            t0 = time.perf_counter()
-            aa = evaluate(model, create_attack("autoattack", norm=threat.norm, eps=threat.eps), x, y,
-                          attack_name="autoattack", **run_kwargs)
-            said.update(aa.warnings)
-            gap = square_gap_from_result(aa, source="autoattack-run")
-            gap["seconds"] = time.perf_counter() - t0
-        elif square_queries == 0:
+        elif square_queries == 0 and not run_autoattack:
             gap = {"status": "skipped", "source": None, "flags": [],
                    "reason": "square queries 0: the APGD vs Square check was not run"}
         else:
-            gap = _direct_square_gap(model, x, y, threat, sweep, square_queries, confirm_attack,
-                                     confirm_params or {}, model_part["num_classes"], run_kwargs, said)
-    for w in caught:  # pyautoattack's or torch's; the harness's own are part of the checks
-        msg = str(w.message)
-        if msg not in said and msg not in notes:
-            notes.append(msg)
-    notes += gap.pop("notes", [])
-    if gap.get("data_fingerprint") not in (None, sweep["data_fingerprint"]):
-        notes.append(f"the AutoAttack result is on other examples (n={gap['n_examples']}) than the other checks "
-                     f"(n={int(x.shape[0])}): its Square gap is about those")
-    if sweep["n_inconsistent"] and sweep["monotone"]:
-        notes.append(f"{sweep['n_inconsistent']} example(s) in the sweep were broken at a smaller eps but not at "
-                     "a larger one (the accuracy never rose, so not flagged); the envelope counts them as broken")
+            gap = _run_square_gap(model, x, y, threat, sweep, run_autoattack, square_queries, confirm_attack,
+                                  confirm_params or {}, model_part["num_classes"], run_kwargs, said)
+    notes = _notes([str(w.message) for w in caught], said, gap, sweep, int(x.shape[0]))
 
-    fingerprint = sweep.pop("data_fingerprint")
+    who = subject_fields(subject, model, sweep.pop("data_fingerprint"), provenance(dev))
     checks = {"model": model_part, "zero_gradient": zero, "eps_sweep": sweep, "square_gap": gap}
     flags = [{"check": k, "message": m} for k, c in checks.items() for m in c["flags"]]
     return {
@@ -187,8 +164,8 @@ def masking_report(
         "flagged": bool(flags),
         "flags": flags,
         "notes": notes,
-        "model": name,
-        "dataset": dataset,
+        "model": who["model"],
+        "dataset": who["dataset"],
         "norm": threat.norm,
         "eps": threat.eps,
         "eps_str": format_eps(threat.eps),
@@ -197,11 +174,59 @@ def masking_report(
         "seed": int(seed),
         "batch_size": int(batch_size),
         "checks": checks,
-        "data": {**(data_info or {}), "fingerprint": fingerprint},
-        "provenance": {**provenance(dev), "checkpoint_sha256": checkpoint_sha256},
+        "data": who["data"],
+        "provenance": who["provenance"],
         "timing": {"total_seconds": time.time() - started,
                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))},
     }
+
+
+def _run_square_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                    sweep: dict[str, Any], run_autoattack: bool, square_queries: int, confirm_attack: str | None,
+                    confirm_params: dict[str, Any], num_classes: int, run_kwargs: dict[str, Any],
+                    said: set[str]) -> dict[str, Any]:
+    """The APGD vs Square gap from a standard AutoAttack run here, else from Square run on its own."""
+    if not run_autoattack:
+        return _direct_square_gap(model, x, y, threat, sweep, square_queries, confirm_attack, confirm_params,
+                                  num_classes, run_kwargs, said)
+    t0 = time.perf_counter()
+    aa = evaluate(model, create_attack("autoattack", norm=threat.norm, eps=threat.eps), x, y,
+                  attack_name="autoattack", **run_kwargs)
+    said.update(aa.warnings)
+    gap = square_gap_from_result(aa, source="autoattack-run")
+    gap["seconds"] = time.perf_counter() - t0
+    return gap
+
+
+def _check_settings(threat: ThreatModel, square_queries: int, zero_grad_threshold: float,
+                    large_eps_max_accuracy: float, *, autoattack_given: bool, run_autoattack: bool) -> None:
+    """Refuse settings the checks cannot use, before any attack runs."""
+    if threat.eps <= 0:
+        raise ConfigError("the masking checks need eps > 0")
+    if isinstance(square_queries, bool) or not isinstance(square_queries, int) or square_queries < 0:
+        raise ConfigError(f"square queries must be an integer >= 0, got {square_queries!r}")
+    for label, value in (("zero-gradient threshold", zero_grad_threshold),
+                         ("large-eps accuracy threshold", large_eps_max_accuracy)):
+        if not 0.0 <= float(value) < 1.0:
+            raise ConfigError(f"{label} must be in [0, 1), got {value!r}")
+    if autoattack_given and run_autoattack:
+        raise ConfigError("give an AutoAttack result or ask to run AutoAttack, not both")
+
+
+def _notes(caught: list[str], said: set[str], gap: dict[str, Any], sweep: dict[str, Any], n: int) -> list[str]:
+    """What the report says besides its flags: warnings nobody restated, and caveats of the checks."""
+    notes: list[str] = []
+    for msg in caught:  # pyautoattack's or torch's; the harness's own are part of the checks
+        if msg not in said and msg not in notes:
+            notes.append(msg)
+    notes += gap.pop("notes", [])
+    if gap.get("data_fingerprint") not in (None, sweep["data_fingerprint"]):
+        notes.append(f"the AutoAttack result is on other examples (n={gap['n_examples']}) than the other checks "
+                     f"(n={n}): its Square gap is about those")
+    if sweep["n_inconsistent"] and sweep["monotone"]:
+        notes.append(f"{sweep['n_inconsistent']} example(s) in the sweep were broken at a smaller eps but not at "
+                     "a larger one (the accuracy never rose, so not flagged); the envelope counts them as broken")
+    return notes
 
 
 def save_report(report: dict[str, Any], path: str | Path) -> Path:
@@ -485,7 +510,7 @@ def _direct_square_gap(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threa
             params["overrides"] = {"apgd_targeted.n_target_classes": num_classes - 1, **params.get("overrides", {})}
         extra = create_attack(confirm, norm=threat.norm, eps=threat.eps, **params)
         idx = torch.tensor(only_square, dtype=torch.long)
-        kwargs = {**run_kwargs, "data_info": None}
+        kwargs = {**run_kwargs, "subject": run_kwargs["subject"].on_subset()}
         conf = evaluate(model, extra, x[idx], y[idx], attack_name=confirm, **kwargs)
         said.update(conf.warnings)
         survivors = [i for i, f in zip(only_square, conf.robust_flags or "", strict=True) if f == "1"]

@@ -428,7 +428,7 @@ def rerun(baseline: Baseline, *, device: str = "auto", data_dir: str | Path | No
     """
     from robustkit.attacks import attack_from_config
     from robustkit.data import load_array_file, load_split
-    from robustkit.eval import evaluate
+    from robustkit.eval import Subject, evaluate
     from robustkit.eval.harness import tensor_fingerprint
     from robustkit.models import load_model
 
@@ -478,12 +478,10 @@ def rerun(baseline: Baseline, *, device: str = "auto", data_dir: str | Path | No
     if impl_before != impl_now:
         notes.append(f"{baseline.id}: attack implementation {impl_before} -> {impl_now}")
 
+    subject = Subject.from_loaded(loaded, dataset=r.dataset, data_info=data_info).renamed(r.model)
     result = evaluate(
-        loaded.model, attack, x, y,
-        batch_size=r.batch_size, device=dev, seed=r.seed, records_path=None, resume=False,
-        progress=progress, model_name=r.model, attack_name=r.attack, dataset=r.dataset,
-        data_info=data_info, checkpoint_sha256=loaded.checkpoint_sha256,
-        model_info={k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata},
+        loaded.model, attack, x, y, subject=subject, attack_name=r.attack,
+        batch_size=r.batch_size, device=dev, seed=r.seed, records_path=None, resume=False, progress=progress,
     )
     return result, notes
 

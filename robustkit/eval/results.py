@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import format_eps
+from robustkit.eval.subject import Subject
 
 RESULT_SCHEMA = "robustkit.eval-result"
 RESULT_SCHEMA_VERSION = 1
@@ -72,8 +76,16 @@ class EvalResult:
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically so a kill never leaves half a JSON."""
-        return write_json_atomic(path, self.to_dict())
+        """Write atomically so a kill never leaves half a JSON.
+
+        ``records_path`` is stored relative to the result's folder (``<name>.records.jsonl`` when
+        the records lie beside it): a result can be moved or committed without carrying a path of
+        the machine that wrote it. Resume never reads it back (``--out`` names the records file).
+        """
+        d = self.to_dict()
+        if self.records_path:
+            d["records_path"] = relative_to_folder_of(self.records_path, path)
+        return write_json_atomic(path, d)
 
     @classmethod
     def load(cls, path: str | Path) -> EvalResult:
@@ -91,13 +103,7 @@ class EvalResult:
                 s.name, f"{100 * s.accuracy:.2f}%", str(s.n_attacked), str(s.n_broken),
                 _fmt_seconds(s.seconds), _fmt_count(s.forward_passes), _fmt_count(s.backward_passes),
             ))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = []
-        for j, r in enumerate(rows):
-            cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
-            lines.append("  ".join(cells))
-            if j == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines = text_table(rows)
         threat = f"{self.norm} eps={format_eps(self.eps)}" if self.eps is not None else "none"
         head = (
             f"model {self.model} | data {self.dataset} (n={self.n_examples}) | attack "
@@ -108,6 +114,45 @@ class EvalResult:
             tail += f"\nrobust accuracy {100 * self.robust_accuracy:6.2f}%"
         tail += f"   ({_fmt_seconds(self.timing['total_seconds'])} on {self.provenance.get('device')})"
         return "\n".join([head, "", *lines, "", tail])
+
+
+def subject_fields(subject: Subject, model: nn.Module, fingerprint: str,
+                   environment: dict[str, Any]) -> dict[str, Any]:
+    """The result keys that say what was evaluated (``model``, ``dataset``, ``data``,
+    ``provenance``, ``model_info``): one place, so every producer records a subject alike."""
+    return {
+        "model": subject.name_for(model),
+        "dataset": subject.dataset,
+        "data": {**subject.data_info, "fingerprint": fingerprint},
+        "provenance": {**environment, "checkpoint_sha256": subject.checkpoint_sha256},
+        "model_info": {
+            "class": type(model).__name__,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "number_forward_passes": int(getattr(model, "number_forward_passes", 1)),
+            **subject.model_info,
+        },
+    }
+
+
+def result_stem(model: str, attack: str, dataset: str, n: int, seed: int) -> str:
+    """``<model>__<attack>__<dataset>-n<N>-s<seed>``: the one name every result file is given.
+
+    A checkpoint path counts by its stem and anything that is not ``[A-Za-z0-9._+-]`` becomes
+    ``_``, so the name is safe on every file system and says what was evaluated without opening
+    the file. Reports built on several evaluations prefix their kind (``curve__``, ``tradeoff__``).
+    """
+    def clean(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(s).stem if s.endswith((".safetensors", ".toml")) else s)
+
+    return f"{clean(model)}__{clean(attack)}__{clean(dataset)}-n{n}-s{seed}"
+
+
+def relative_to_folder_of(target: str | Path, anchor: str | Path) -> str:
+    """``target`` as a POSIX path relative to ``anchor``'s folder (absolute only across drives)."""
+    try:
+        return Path(os.path.relpath(Path(target).resolve(), Path(anchor).resolve().parent)).as_posix()
+    except ValueError:  # Windows: another drive has no relative path
+        return str(target)
 
 
 def read_versioned_json(path: str | Path, schema: str, version: int, kind: str) -> dict[str, Any]:
@@ -137,6 +182,20 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result is for sharing, like any new file
     os.replace(tmp, p)
     return p
+
+
+def text_table(rows: list[tuple[str, ...]], note_column: bool = False) -> list[str]:
+    """Rows as aligned terminal lines, the header underlined: the first column left-aligned, the
+    numbers right-aligned, and (``note_column``) a last free-text column left as it is."""
+    aligned = len(rows[0]) - (1 if note_column else 0)
+    widths = [max(len(r[i]) for r in rows) for i in range(aligned)]
+    lines = []
+    for j, r in enumerate(rows):
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:aligned], widths[1:], strict=True)]
+        lines.append("  ".join([*cells, *r[aligned:]]).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def _fmt_seconds(s: float) -> str:

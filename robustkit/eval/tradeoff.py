@@ -33,8 +33,16 @@ from robustkit.attacks.base import Attack
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import format_eps
 from robustkit.eval.curve import save_figure_atomic
-from robustkit.eval.harness import evaluate, tensor_fingerprint
-from robustkit.eval.results import EvalResult, _fmt_seconds, read_versioned_json, write_json_atomic
+from robustkit.eval.harness import evaluate
+from robustkit.eval.results import (
+    EvalResult,
+    _fmt_seconds,
+    read_versioned_json,
+    result_stem,
+    text_table,
+    write_json_atomic,
+)
+from robustkit.eval.subject import Subject
 
 TRADEOFF_SCHEMA = "robustkit.tradeoff"
 TRADEOFF_SCHEMA_VERSION = 1
@@ -202,13 +210,7 @@ class Tradeoff:
             rows.append((r.kind, "alpha(x)" if r.alpha is None else f"{r.alpha:g}",
                          f"{100 * r.clean_acc:.2f}%", f"{100 * r.robust_acc:.2f}%", _fmt_seconds(r.seconds),
                          "reused" if r.reused else ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = []
-        for j, r in enumerate(rows):
-            cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:5], widths[1:5], strict=True)]
-            lines.append("  ".join([*cells, r[5]]).rstrip())
-            if j == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines = text_table(rows, note_column=True)
         head = (f"model {self.model} | data {self.dataset} (n={self.n_examples}) | attack {self.attack} | "
                 f"{self.norm} eps={format_eps(self.eps)} | seed {self.seed}")
         tail = [f"verdict: {self.verdict['text']}"]
@@ -263,6 +265,7 @@ def accuracy_tradeoff(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    subject: Subject | None = None,
     points_dir: str | Path | None = None,
     check_endpoints: bool = False,
     command: str | None = None,
@@ -271,9 +274,9 @@ def accuracy_tradeoff(
     """Evaluate g, h, each ``model.fixed_alpha(a)`` and ``model`` itself on the same ``(x, y)``.
 
     ``attack_factory()`` builds a fresh attack per point (same config, same seed: the attacks'
-    randomness depends only on seed, stage and batch). ``evaluate_kwargs`` go to
-    :func:`robustkit.eval.evaluate` (batch_size, device, seed, progress, model_name, attack_name,
-    dataset, data_info, ...). With ``points_dir`` each point writes ``<label>.json`` and
+    randomness depends only on seed, stage and batch). ``subject`` (each point is recorded under
+    ``<model>:<label>``) and ``evaluate_kwargs`` go to :func:`robustkit.eval.evaluate` (attack_name,
+    batch_size, device, seed, progress). With ``points_dir`` each point writes ``<label>.json`` and
     ``<label>.records.jsonl`` there; a re-run reuses a finished point's JSON when it records the
     same evaluation (model, attack config, data, seed, batch size) and resumes an unfinished one
     from its records.
@@ -281,13 +284,14 @@ def accuracy_tradeoff(
     for key in ("records_path", "resume"):
         if key in evaluate_kwargs:
             raise TypeError(f"accuracy_tradeoff() does not take {key!r}")
-    base_name = evaluate_kwargs.pop("model_name", None) or type(model).__name__
+    subject = subject or Subject()
+    base_name = subject.name_for(model)
     require_mixed(model, base_name)
     grid = parse_alphas(alphas) if isinstance(alphas, str) else parse_alphas(list(alphas))
     progress = bool(evaluate_kwargs.get("progress", True))
     started = time.time()
     pdir = Path(points_dir) if points_dir is not None else None
-    fingerprint = (evaluate_kwargs.get("data_info") or {}).get("fingerprint") or tensor_fingerprint(x, y)
+    fingerprint = subject.fingerprint(x, y)
 
     plan: list[tuple[str, float | None, str, Callable[[], nn.Module]]] = [
         ("g", 0.0, "g", lambda: model.g),
@@ -308,11 +312,11 @@ def accuracy_tradeoff(
         if progress:
             print(f"{label} ({k + 1}/{len(plan)})", file=sys.stderr)
         json_path = pdir / f"{label}.json" if pdir is not None else None
-        res = _finished(json_path, name, attack, fingerprint, int(x.shape[0]), evaluate_kwargs)
+        res = _finished(json_path, subject.renamed(name), attack, fingerprint, int(x.shape[0]), evaluate_kwargs)
         reused = res is not None
         if res is None:
             records = {} if pdir is None else {"records_path": pdir / f"{label}.records.jsonl", "resume": True}
-            res = evaluate(build(), attack, x, y, model_name=name, **evaluate_kwargs, **records)
+            res = evaluate(build(), attack, x, y, subject=subject.renamed(name), **evaluate_kwargs, **records)
             if json_path is not None:
                 res.save(json_path)
         results[label] = res
@@ -340,7 +344,7 @@ def accuracy_tradeoff(
     return out
 
 
-def _finished(path: Path | None, name: str, attack: Attack, fingerprint: str, n: int,
+def _finished(path: Path | None, subject: Subject, attack: Attack, fingerprint: str, n: int,
               kwargs: dict[str, Any]) -> EvalResult | None:
     """A point's saved result when it records exactly this evaluation, else None (evaluate again)."""
     if path is None or not path.exists():
@@ -350,13 +354,13 @@ def _finished(path: Path | None, name: str, attack: Attack, fingerprint: str, n:
     except ConfigError:
         return None
     same = (
-        res.model == name
+        res.model == subject.model
         and res.attack_config == json.loads(json.dumps(attack.config()))
         and res.n_examples == n
         and res.seed == int(kwargs.get("seed", 0))
         and res.batch_size == int(kwargs.get("batch_size", 256))
         and res.data.get("fingerprint") == fingerprint
-        and res.provenance.get("checkpoint_sha256") == kwargs.get("checkpoint_sha256")
+        and res.provenance.get("checkpoint_sha256") == subject.checkpoint_sha256
         and res.robust_accuracy is not None
     )
     return res if same else None
@@ -378,11 +382,6 @@ def _endpoint_checks(results: dict[str, EvalResult]) -> list[dict[str, Any]]:
     return checks
 
 
-def tradeoff_stem(model: str, attack: str, n: int) -> str:
-    """``<model>__<attack>__n<N>``, made safe as a file name."""
-    import re
-
-    def clean(s: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._+-]+", "_", Path(s).stem if s.endswith((".safetensors", ".toml")) else s)
-
-    return f"{clean(model)}__{clean(attack)}__n{n}"
+def tradeoff_stem(model: str, attack: str, dataset: str, n: int, seed: int) -> str:
+    """``tradeoff__<model>__<attack>__<dataset>-n<N>-s<seed>``: the result-file name, kind in front."""
+    return "tradeoff__" + result_stem(model, attack, dataset, n, seed)

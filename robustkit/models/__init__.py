@@ -1,12 +1,17 @@
-"""Model architectures and shipped weights (imported explicitly so registration never depends on
-what else happened to be imported)."""
+"""Model architectures and their shipped weights.
 
-# Imported for their registrations: tiny_cnn and small_cnn; lightweight_cnn; airbench94/95/96
-# (standard training, robustkit.models.airbench); ltd, the LTD student wrapper (trained by
-# robustkit.train, which robustkit.models never imports); adaptive_smoothing, the mixed classifier
-# (its builder loads the others' shipped weights by registry id when called, not at import).
-from robustkit.models import adaptive_smoothing, airbench, lightweight_cnn, ltd_student, small_cnn  # noqa: F401
+Every module of this package whose name does not start with ``_`` is imported here and registers its
+architectures (:func:`register_model`) or model sources (:func:`register_model_source`) as it
+loads: adding a model is adding a file, and no registration depends on what else happened to be
+imported (timm's "Unknown model"). Out-of-tree plug-ins (:mod:`robustkit.core.plugins`) register
+theirs when a model name is first looked up.
+"""
+
+import importlib
+import pkgutil
+
 from robustkit.models.base import (
+    MODEL_SOURCES,
     MODELS,
     LoadedModel,
     Normalize,
@@ -16,9 +21,20 @@ from robustkit.models.base import (
     load_model,
     model_info,
     register_model,
+    register_model_source,
 )
 
 __all__ = [
-    "MODELS", "LoadedModel", "Normalize", "Weights", "create_model", "list_models", "load_model",
-    "model_info", "register_model",
+    "MODELS", "MODEL_SOURCES", "LoadedModel", "Normalize", "Weights", "create_model", "list_models",
+    "load_model", "model_info", "register_model", "register_model_source",
 ]
+
+
+def _import_modules() -> None:
+    """Import every model module (each registers itself), in name order."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_modules()

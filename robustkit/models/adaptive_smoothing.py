@@ -18,8 +18,9 @@ deployed alpha into a range, and so do we (:class:`MixingConfig`). Only the mixi
 g and h stay frozen and in eval mode.
 
 A checkpoint of architecture ``adaptive_smoothing`` stores the mixing network's weights; its
-arch args name the two base models (registry ids or checkpoint paths) *and their sha256*, so
-loading rebuilds exactly the composite that was trained and refuses swapped base weights.
+arch args name the two base models (registry ids or checkpoint paths) *and their function pins*,
+so loading rebuilds exactly the composite that was trained and refuses swapped base weights or a
+base whose deployed constants changed (an LTD ``tau_s``, airbench's TTA level).
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ from robustkit.models.base import Weights, load_model, register_model
 
 DEFAULT_STD = "airbench94.cifar10_partial_tta0"
 DEFAULT_ROBUST = "ltd.cifar10_partial"
-# sha256 of robustkit/weights/adaptive_smoothing.cifar10_partial.safetensors (the mixing network only).
-ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_SHA256 = "86828fc738248534a2e54e91d5531892063b9cb11bdf94c12d6b3fd66632b685"
+# Function pin of robustkit/weights/adaptive_smoothing.cifar10_partial: the mixing network's tensors plus
+# its arch_args, which hold the deployed constants (alpha_min, eval_bias, ...) and the base models'
+# function pins, so an edited tau_s in ltd.cifar10_partial.json invalidates this composite too.
+ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_PIN = "4025141c797dfc5e2717ddfc545d2eb76e9e3ebade5b22bc7074e496c9d01263"
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,22 +401,27 @@ def _resize(f: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _load_base(name: str, sha256: str | None, role: str) -> tuple[nn.Module, str | None]:
+def _load_base(name: str, pin: str | None, sha256: str | None, role: str) -> tuple[nn.Module, str | None]:
+    """Load a base model and check it is the one the mixer was trained with: by function pin, or by
+    tensor sha256 for composites written before function pins existed."""
     loaded = load_model(name)
-    if sha256 and loaded.checkpoint_sha256 and loaded.checkpoint_sha256 != sha256:
-        raise CheckpointError(
-            f"{role} model {name!r} has sha256 {loaded.checkpoint_sha256[:12]}…, but this composite was "
-            f"trained with {sha256[:12]}…; its mixing network would not fit those weights")
-    if sha256 and not loaded.checkpoint_sha256:
-        raise CheckpointError(f"{role} model {name!r} has no checkpoint, but the composite names sha256 {sha256[:12]}…")
-    return loaded.model, loaded.checkpoint_sha256
+    for what, want, got in (("function pin", pin, loaded.function_sha256),
+                            ("sha256", sha256, loaded.checkpoint_sha256)):
+        if want and not got:
+            raise CheckpointError(f"{role} model {name!r} has no checkpoint, but the composite names {what} "
+                                  f"{want[:12]}…")
+        if want and got != want:
+            raise CheckpointError(
+                f"{role} model {name!r} has {what} {got[:12]}…, but this composite was trained with "
+                f"{want[:12]}…; its mixing network would not fit that model")
+    return loaded.model, loaded.function_sha256
 
 
 def build_adaptive_smoothing(
     std: str = DEFAULT_STD,
     robust: str = DEFAULT_ROBUST,
-    std_sha256: str | None = None,
-    robust_sha256: str | None = None,
+    std_pin: str | None = None,
+    robust_pin: str | None = None,
     s_g: float = 1.0,
     s_h: float = 1.0,
     taps_std: Sequence[str] | None = None,
@@ -421,15 +429,18 @@ def build_adaptive_smoothing(
     width: int = 32,
     mixing: dict[str, float] | None = None,
     input_shape: Sequence[int] = (3, 32, 32),
+    std_sha256: str | None = None,
+    robust_sha256: str | None = None,
 ) -> MixedClassifier:
     """Build the composite from two base model ids (registry ids or checkpoint paths).
 
-    Every argument is plain JSON so a checkpoint's ``arch_args`` rebuild it; ``*_sha256`` pin the base
-    weights the mixer was trained with. Base weights are *not* part of the composite's checkpoint
-    (:attr:`external_state_prefixes`): they load from their own verified files.
+    Every argument is plain JSON so a checkpoint's ``arch_args`` rebuild it; ``*_pin`` are the function
+    pins of the base models the mixer was trained with (``*_sha256``: their tensor sha256, as composites
+    written before function pins recorded them). Base weights are *not* part of the composite's
+    checkpoint (:attr:`external_state_prefixes`): they load from their own verified files.
     """
-    g, sha_g = _load_base(std, std_sha256, "standard")
-    h, sha_h = _load_base(robust, robust_sha256, "robust")
+    g, pin_g = _load_base(std, std_pin, std_sha256, "standard")
+    h, pin_h = _load_base(robust, robust_pin, robust_sha256, "robust")
     taps_g = list(taps_std) if taps_std else auto_taps(g, input_shape)
     taps_h = list(taps_robust) if taps_robust else auto_taps(h, input_shape)
     (cg1, *_), (cg2, *_) = _tap_channels(g, taps_g, input_shape)
@@ -440,9 +451,9 @@ def build_adaptive_smoothing(
         raise ConfigError(f"bad mixing config: {e}") from None
     model = MixedClassifier(g, h, s_g=s_g, s_h=s_h, mixing_net=MixingNet(cg1 + ch1, cg2 + ch2, width),
                             taps_g=taps_g, taps_h=taps_h, config=config)
-    # What a trainer writes into the checkpoint's arch_args (resolved taps and hashes, not "auto").
+    # What a trainer writes into the checkpoint's arch_args (resolved taps and pins, not "auto").
     model.arch_args = {  # type: ignore[assignment]
-        "std": std, "robust": robust, "std_sha256": sha_g, "robust_sha256": sha_h, "s_g": s_g, "s_h": s_h,
+        "std": std, "robust": robust, "std_pin": pin_g, "robust_pin": pin_h, "s_g": s_g, "s_h": s_h,
         "taps_std": taps_g, "taps_robust": taps_h, "width": width, "mixing": asdict(config),
         "input_shape": list(input_shape),
     }
@@ -460,14 +471,13 @@ def _register() -> None:
         description="Adaptive Smoothing: airbench94 (standard) + LTD SmallCNN (robust) mixed in probability "
                     "space by a trained mixing network (`robustkit train adaptive_smoothing`)",
         dataset="cifar10",
-        num_classes=10,
-        input_shape=(3, 32, 32),
         tags={
             "cifar10_partial": Weights(
                 file="adaptive_smoothing.cifar10_partial",
-                sha256=ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_SHA256,
+                pin=ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_PIN,
                 description="mixing network for airbench94.cifar10_partial_tta0 + ltd.cifar10_partial, trained "
-                            "on the 5,438 real CIFAR-10 train images (defenses/adaptive_smoothing.toml)",
+                            "on the 5,438 real CIFAR-10 train images "
+                            "(defenses/adaptive_smoothing.cifar10_partial.toml)",
             )
         },
         default_tag="cifar10_partial",

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.core.checkpoint import load_checkpoint, read_metadata
+from robustkit.core.checkpoint import function_pin, load_checkpoint
 from robustkit.core.errors import CheckpointError, UnknownNameError
+from robustkit.core.plugins import load_plugins
 from robustkit.core.registry import Registry
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
@@ -40,13 +41,15 @@ class Normalize(nn.Module):
 
 @dataclass(frozen=True)
 class Weights:
-    """A shipped weights file, pinned by sha256 so a swapped or truncated file is refused."""
+    """A shipped weights file, pinned by its *function*: a swapped or truncated tensor file and an
+    edited architecture, arch_args, normalisation, dataset or class count are all refused."""
 
     file: str  # relative to robustkit/weights/, without suffix
-    sha256: str
+    pin: str  # the checkpoint's function_sha256 (robustkit.core.checkpoint.function_pin)
     description: str = ""
     # Overrides of the checkpoint's arch_args for this tag: two tags can share one file and differ
     # in a weight-free argument (airbench94's TTA level: the card's 6-pass model and a 1-pass one).
+    # Applied after the file's pin is verified: the override is pinned by this source code.
     arch_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,7 +67,14 @@ class ModelInfo:
     default_tag: str | None = None
 
 
-MODELS: Registry[ModelInfo] = Registry("model")
+# Lookups first import the configured plug-ins (robustkit.core.plugins), so an out-of-tree model is
+# found wherever a name is looked up, in the CLI or a notebook.
+MODELS: Registry[ModelInfo] = Registry("model", before_lookup=load_plugins)
+
+# Model sources: ids of the form ``prefix:rest`` whose models live outside robustkit (``rb:`` is
+# RobustBench's zoo). A source module registers its loader here; :func:`load_model` dispatches
+# on the prefix, so this module never imports a source (no import circle) and a plug-in can add one.
+MODEL_SOURCES: Registry[LoadedModel] = Registry("model source", before_lookup=load_plugins)
 
 
 def register_model(
@@ -73,16 +83,36 @@ def register_model(
     *,
     description: str,
     dataset: str,
-    num_classes: int,
-    input_shape: tuple[int, int, int],
     tags: dict[str, Weights] | None = None,
     default_tag: str | None = None,
+    num_classes: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> None:
-    """Register an architecture and its shipped weights."""
+    """Register an architecture and its shipped weights. ``num_classes`` and ``input_shape``
+    default to those of ``dataset`` (a registered dataset knows them: one source for each fact)."""
+    if num_classes is None or input_shape is None:
+        from robustkit.data import dataset_info
+
+        info_d = dataset_info(dataset)
+        num_classes = info_d.num_classes if num_classes is None else num_classes
+        input_shape = tuple(info_d.shape) if input_shape is None else input_shape
     info = ModelInfo(
         name, builder, description, dataset, num_classes, input_shape, dict(tags or {}), default_tag
     )
     MODELS.register(name, lambda: info, description, dataset=dataset)
+
+
+def register_model_source(prefix: str, loader: Callable[..., LoadedModel], *, description: str,
+                          usage: str) -> None:
+    """Register ``loader(rest, **options)`` for model ids ``prefix:rest``; ``usage`` (e.g.
+    ``rb:<Name>``) and ``description`` are what ``robustkit list models`` shows."""
+    MODEL_SOURCES.register(prefix, loader, description, usage=usage)
+
+
+def model_source(name: str) -> str | None:
+    """The registered source prefix of ``name`` (``"rb"`` for ``rb:Standard``), else None."""
+    prefix, sep, _ = name.partition(":")
+    return prefix.lower() if sep and prefix in MODEL_SOURCES else None
 
 
 def model_info(name: str) -> ModelInfo:
@@ -121,19 +151,22 @@ class LoadedModel:
     name: str
     dataset: str | None
     num_classes: int | None
-    checkpoint_sha256: str | None
+    checkpoint_sha256: str | None  # of the tensor file
     metadata: dict[str, Any]
+    # What the loaded model computes: the checkpoint's function pin, recomputed over the arch_args
+    # actually used when a registry tag overrides some (airbench94 tta0); None without a checkpoint.
+    function_sha256: str | None = None
 
 
 def load_model(
     name: str, *, device: str | torch.device = "cpu", seed: int = 0, **arch_args: Any
 ) -> LoadedModel:
-    """Load a registered model id, a robustkit checkpoint path, or ``rb:<RobustBenchName>``."""
+    """Load a registered model id, a robustkit checkpoint path, or a source's ``prefix:rest`` id
+    (``rb:<RobustBenchName>``; ``arch_args`` are then the source loader's options)."""
     dev = torch.device(device)
-    if name.startswith("rb:"):
-        from robustkit.models.robustbench_zoo import load_robustbench_model
-
-        loaded = load_robustbench_model(name[3:], **arch_args)
+    source = model_source(name)
+    if source is not None:
+        loaded = MODEL_SOURCES.get(source).factory(name.partition(":")[2], **arch_args)
     elif name.endswith((".safetensors", ".json")) or "/" in name or "\\" in name:
         loaded = load_checkpoint_model(name)
     else:
@@ -148,28 +181,29 @@ def load_model(
             )
         else:
             w = info.tags[tag]
-            loaded = load_checkpoint_model(
-                WEIGHTS_DIR / w.file, expected_sha256=w.sha256, arch_args=w.arch_args
-            )
+            loaded = load_checkpoint_model(WEIGHTS_DIR / w.file, expected_pin=w.pin, arch_args=w.arch_args)
             loaded.name = f"{info.name}.{tag}"
     loaded.model.to(dev).eval()
     return loaded
 
 
 def load_checkpoint_model(
-    path: str | Path, expected_sha256: str | None = None, arch_args: dict[str, Any] | None = None
+    path: str | Path, expected_pin: str | None = None, arch_args: dict[str, Any] | None = None
 ) -> LoadedModel:
-    """Rebuild the architecture named in a checkpoint's metadata and load its verified weights;
-    ``arch_args`` override the stored ones (a registry tag's ``Weights.arch_args``)."""
-    meta = read_metadata(path)
+    """Rebuild the architecture named in a checkpoint's metadata and load its verified weights.
+
+    ``expected_pin`` is the registry's function pin; ``arch_args`` override the stored ones after
+    verification (a registry tag's ``Weights.arch_args``)."""
+    state, meta = load_checkpoint(path, expected_pin)  # verified first: an edited architecture is named
     arch = meta["architecture"]
     if arch not in MODELS:
         raise CheckpointError(f"checkpoint {path} names unknown architecture {arch!r}")
     info = model_info(arch)
-    state, meta = load_checkpoint(path, expected_sha256)
+    pin = meta["function_sha256_verified"]
     if arch_args:
         meta["arch_args"] = {**meta.get("arch_args", {}), **arch_args}
         meta["arch_args_overridden"] = sorted(arch_args)
+        pin = function_pin(meta, meta["sha256_verified"])
     model = info.builder(**meta.get("arch_args", {}))
     # A composite (adaptive_smoothing) builds its sub-models from their own verified checkpoints and
     # stores only the rest: every key outside those prefixes must still match exactly.
@@ -192,6 +226,7 @@ def load_checkpoint_model(
         meta.get("num_classes") or info.num_classes,
         meta["sha256_verified"],
         meta,
+        function_sha256=pin,
     )
 
 

@@ -25,8 +25,9 @@ from torch import nn
 from robustkit.core.errors import ConfigError
 from robustkit.models.base import Weights, model_info, register_model
 
-# sha256 of robustkit/weights/ltd.cifar10_partial.safetensors (verified on every load).
-LTD_CIFAR10_PARTIAL_SHA256 = "b2245ced0af24f098ddda068d06cdee5edc069bfe8f23bcaf3bfd870a42e4dfa"
+# Function pin of robustkit/weights/ltd.cifar10_partial (tensors + base, base_args, tau_s, normalization,
+# dataset, num_classes: robustkit.core.checkpoint.function_pin), verified on every load.
+LTD_CIFAR10_PARTIAL_PIN = "f02c41a635c7a7d665bc0b20e2fbfe210f884f2b5a31b2acd5509b455bb4cb2b"
 
 
 class LTDStudent(nn.Module):
@@ -66,14 +67,12 @@ def _register() -> None:
         description="LTD student: a registered base architecture with logits / tau_s in train and eval "
                     "(arch args base, base_args, tau_s); trained by `robustkit train ltd`",
         dataset="cifar10",
-        num_classes=10,
-        input_shape=(3, 32, 32),
         tags={
             "cifar10_partial": Weights(
                 file="ltd.cifar10_partial",
-                sha256=LTD_CIFAR10_PARTIAL_SHA256,
+                pin=LTD_CIFAR10_PARTIAL_PIN,
                 description="LTD-TRADES SmallCNN (width 16, tau_t 0.5, tau_s 2) on the 5,438 real CIFAR-10 "
-                            "train images; recipe defenses/ltd.toml, card defenses/cards/ltd.cifar10_partial.md",
+                            "train images; recipe defenses/ltd.cifar10_partial.toml, card defenses/cards/ltd.cifar10_partial.md",
             )
         },
         default_tag="cifar10_partial",

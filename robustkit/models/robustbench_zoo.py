@@ -6,9 +6,12 @@ state dicts non-strictly. Here the architecture comes from robustbench's model z
 weights are read with ``weights_only=True`` (:func:`robustkit.core.checkpoint.load_foreign_state_dict`),
 loaded strictly, and the file's sha256 goes into the result's provenance.
 
-robustbench is imported lazily (only when an ``rb:`` name is used): it pulls in timm, gdown and
-requests, emits deprecation warnings on import, and imports ``autoattack``, which this
-environment provides under the name ``pyautoattack``.
+This module registers the ``rb`` model source (:data:`robustkit.models.base.MODEL_SOURCES`), so
+``load_model("rb:<Name>", dataset=..., threat_model=..., model_dir=..., download=...)`` reaches
+:func:`load_robustbench_model` without the registry knowing about RobustBench. robustbench itself
+is imported lazily (only when an ``rb:`` name is used): it pulls in timm, gdown and requests,
+emits deprecation warnings on import, and imports ``autoattack``, which this environment provides
+under the name ``pyautoattack``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from robustkit.core.checkpoint import load_foreign_state_dict, sha256_file
 from robustkit.core.errors import CheckpointError, ConfigError, UnknownNameError
-from robustkit.models.base import LoadedModel
+from robustkit.models.base import LoadedModel, register_model_source
 
 ENV_MODEL_DIR = "ROBUSTKIT_RB_MODEL_DIR"
 DEFAULT_MODEL_DIR = Path("~/.cache/robustkit/robustbench")
@@ -226,3 +229,7 @@ def load_robustbench_model(
         checkpoint_sha256=sha256_file(path),
         metadata=meta,
     )
+
+
+register_model_source("rb", load_robustbench_model, usage="rb:<Name>",
+                      description="any RobustBench model-zoo entry (weights from --rb-model-dir)")

@@ -10,8 +10,12 @@ and result JSONs on disk, never from numbers typed in. Finished trainings and ev
 
     python -m robustkit.train.compare --data-dir ../shared/data/partial --out-dir defenses/ltd_comparison
 
-writes ``<out-dir>/<run>.{safetensors,json}`` (checkpoints), ``<out-dir>/<run>__autoattack-n1000.json``
-(results), ``table.json``, ``table.md`` and ``table.png``.
+writes the results, ``<out-dir>/<run>__autoattack__cifar10-n1000-s0.json`` (the name ``robustkit eval``
+gives), ``table.json``, ``table.md``, ``table.png`` and ``log.txt``: what is committed. Checkpoints and
+resume state (AutoAttack's records) go to ``--work-dir`` (default ``runs/<out-dir name>``, ignored by
+git): experiment checkpoints are not data. ``table.json`` keeps what only a checkpoint knew (training
+time, the per-epoch validation curve, architecture, sha256), so the table rebuilds from the committed
+files after the checkpoints are gone; a run is retrained only when its result is missing.
 """
 
 from __future__ import annotations
@@ -29,20 +33,20 @@ from typing import Any
 
 RECIPES = Path(__file__).resolve().parents[2] / "defenses"
 
-# name -> (training method, recipe file, extra flags). Only the framework differs between the pairs.
+# name -> (trainer, recipe file in defenses/, config overrides). Only the framework differs between the pairs.
 RUNS: dict[str, tuple[str, str, list[str]]] = {
-    "pgd-at": ("pgd-at", "pgd_at.toml", []),
-    "pgd-at+ltd": ("ltd", "ltd.toml", ["--framework", "pgd-at"]),
+    "pgd-at": ("pgd_at", "pgd_at.toml", []),
+    "pgd-at+ltd": ("ltd", "ltd.toml", ["framework=pgd_at"]),
     "trades": ("trades", "trades.toml", []),
-    "trades+ltd": ("ltd", "ltd.toml", ["--framework", "trades"]),
+    "trades+ltd": ("ltd", "ltd.toml", ["framework=trades"]),
 }
 
 
 def _run(cmd: list[str], log: Path) -> None:
     """Run a robustkit command, teeing its output into ``log`` (kept next to the artefacts)."""
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    print("$ " + _shown(cmd), flush=True)
     with open(log, "a") as fh:
-        fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        fh.write("$ " + _shown(cmd) + "\n")
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
@@ -53,26 +57,113 @@ def _run(cmd: list[str], log: Path) -> None:
             raise SystemExit(f"command failed (exit {proc.returncode}); see {log}")
 
 
-def _row(name: str, ckpt_json: Path, result_json: Path) -> dict[str, Any]:
-    from robustkit.eval.results import RESULT_SCHEMA, RESULT_SCHEMA_VERSION, read_versioned_json
+def _shown(cmd: list[str]) -> str:
+    """``cmd`` as the committed log shows it: ``python`` for this interpreter, paths under the working
+    directory relative to it (an absolute path would tie the log to one machine)."""
+    cwd = Path.cwd()
 
+    def one(arg: str) -> str:
+        if arg == sys.executable:
+            return "python"
+        path = Path(arg)
+        return path.relative_to(cwd).as_posix() if path.is_absolute() and path.is_relative_to(cwd) else arg
+
+    return " ".join(shlex.quote(one(c)) for c in cmd)
+
+
+def _train(trainer_name: str, recipe: str, overrides: list[str], stem: Path, args: argparse.Namespace,
+           log: Path) -> None:
+    """Train one run in this process through the trainer registry: the recipe's config, then the
+    overrides (every run gets the same shared ones: equal budget). ``log`` gets the equivalent command
+    and the checkpoint written; the per-epoch log is in the checkpoint's ``training.epochs_log``."""
+    import torch
+
+    from robustkit.core.config import read_recipe, resolve_config
+    from robustkit.core.provenance import require_device
+    from robustkit.train import RunOptions, get_trainer
+
+    trainer = get_trainer(trainer_name)
+    _, fields = read_recipe(RECIPES / recipe)
+    config = resolve_config(trainer.config, recipe=fields, recipe_source=f"recipe defenses/{recipe}",
+                            overrides=overrides)
+    shown = " ".join([f"robustkit train {trainer.name} --recipe defenses/{recipe}",
+                      *(f"--set {shlex.quote(o)}" for o in overrides), f"--out {_shown([str(stem)])}"])
+    print("$ " + shown, flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    checkpoint = trainer(config, RunOptions(out=stem, device=require_device(args.device), data_dir=args.data_dir,
+                                            progress=not args.no_progress))
+    with open(log, "a") as fh:
+        fh.write(f"$ {shown}\nsaved {checkpoint.path.name} (sha256 {checkpoint.metadata['sha256']}) in "
+                 f"{time.perf_counter() - t0:.0f}s\n")
+
+
+def _overrides(shared: list[str]) -> list[str]:
+    """The shared ``--train-arg`` pairs, recorded as ``["--epochs", "5"]``, as config overrides."""
+    return [f"{flag.lstrip('-').replace('-', '_')}={value}" for flag, value in zip(shared[::2], shared[1::2], strict=True)]
+
+
+def _framework(training: dict[str, Any]) -> str | None:
+    """The framework in the comparison's spelling (its run names): ``pgd-at`` or ``trades``."""
+    framework = training.get("framework")
+    return framework.replace("_", "-") if isinstance(framework, str) else None
+
+
+def _checkpoint_facts(ckpt_json: Path) -> dict[str, Any]:
+    """What a table row needs from a checkpoint's sidecar; table.json keeps it for rebuilds without it."""
     meta = json.loads(ckpt_json.read_text())
-    res = read_versioned_json(result_json, RESULT_SCHEMA, RESULT_SCHEMA_VERSION, "result")
-    stages = {s["name"]: s for s in res["stages"]}
     training = meta.get("training", {})
-    recipe = training.get("recipe", {})
+    # A registered trainer records its config; a checkpoint from before the registry, training.recipe.
+    config = meta.get("config") or training.get("recipe", {})
     return {
-        "run": name,
         "checkpoint": ckpt_json.with_suffix(".safetensors").name,
         "checkpoint_sha256": meta.get("sha256"),
         "architecture": meta.get("architecture"),
         "n_parameters": meta.get("n_parameters"),
-        "framework": training.get("framework"),
-        "ltd": training.get("method") == "ltd",
-        "teacher": recipe.get("teacher"),
-        "tau_t": recipe.get("tau_t"),
-        "tau_s": recipe.get("tau_s"),
+        "framework": _framework(training),
+        "ltd": meta.get("trainer", training.get("method")) == "ltd",
+        "teacher": config.get("teacher"),
+        "tau_t": config.get("tau_t"),
+        "tau_s": config.get("tau_s"),
         "train_wall_s": training.get("wall_time_s"),
+        "train_cpu_s": training.get("cpu_time_s"),
+        "val_curve": _val_curve(training),
+    }
+
+
+def _val_curve(training: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-epoch validation accuracies (clean, PGD-10) the trainer logged, one entry per epoch."""
+    keys = ("epoch", "val_n", "val_clean_acc", "val_pgd10_acc")
+    return [{k: e[k] for k in keys if k in e} for e in training.get("epochs_log", [])]
+
+
+def _previous_rows(path: Path, shared: list[str]) -> list[dict[str, Any]]:
+    """The rows of a table written earlier with the same shared training overrides (else none)."""
+    if not path.exists():
+        return []
+    table = json.loads(path.read_text())
+    return table.get("rows", []) if table.get("shared_train_overrides") == shared else []
+
+
+def _work_dir(args: argparse.Namespace) -> Path:
+    """Where checkpoints and resume state go: ``--work-dir``, else ``runs/<out-dir name>`` (ignored)."""
+    return Path(args.work_dir) if args.work_dir else Path("runs") / Path(args.out_dir).name
+
+
+def _row(name: str, facts: dict[str, Any], result_json: Path) -> dict[str, Any]:
+    from robustkit.core.errors import DataError
+    from robustkit.eval.results import RESULT_SCHEMA, RESULT_SCHEMA_VERSION, read_versioned_json
+
+    res = read_versioned_json(result_json, RESULT_SCHEMA, RESULT_SCHEMA_VERSION, "result")
+    stages = {s["name"]: s for s in res["stages"]}
+    evaluated = res.get("provenance", {}).get("checkpoint_sha256")
+    if evaluated and facts.get("checkpoint_sha256") and evaluated != facts["checkpoint_sha256"]:
+        raise DataError(f"{result_json} evaluated checkpoint {evaluated[:12]}…, but the training facts of run "
+                        f"{name} are of {str(facts['checkpoint_sha256'])[:12]}…; delete the stale one")
+    return {
+        "run": name,
+        **facts,
         "n_examples": res["n_examples"],
         "clean_acc": res["clean_accuracy"],
         "autoattack_acc": res["robust_accuracy"],
@@ -183,8 +274,7 @@ def _floats(spec: str) -> list[float]:
         raise SystemExit(f"expected a comma list of numbers, got {spec!r}") from None
 
 
-def ablation(args: argparse.Namespace, shared: list[str], common: list[str], data: list[str],
-             command: str) -> int:
+def ablation(args: argparse.Namespace, shared: list[str], command: str) -> int:
     """tau_t x tau_s grid of the LTD recipe, scored on a holdout of the TRAINING images.
 
     The test split is never used to choose: each run holds out the last ``--holdout`` train images
@@ -194,22 +284,26 @@ def ablation(args: argparse.Namespace, shared: list[str], common: list[str], dat
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
-    exe = [sys.executable, "-m", "robustkit"]
+    kept = {(r["tau_t"], r["tau_s"]): r for r in _previous_rows(out / "ablation.json", shared)
+            if r.get("holdout_n") == args.holdout}
     rows = []
     for tau_t in _floats(args.tau_t):
         for tau_s in _floats(args.tau_s):
-            stem = out / f"ltd_tt{tau_t:g}_ts{tau_s:g}"
+            stem = _work_dir(args) / f"ltd_tt{tau_t:g}_ts{tau_s:g}"
             ckpt = stem.parent / (stem.name + ".json")  # not with_suffix: "tt0.5" has a dot
+            if not ckpt.exists() and (tau_t, tau_s) in kept:  # the committed row holds all the table needs
+                rows.append(kept[(tau_t, tau_s)])
+                continue
             if not ckpt.exists():
-                _run(exe + ["train", "ltd", "--recipe", str(RECIPES / "ltd.toml"), "--tau-t", str(tau_t),
-                            "--tau-s", str(tau_s), "--holdout", str(args.holdout), "--val-pgd-n", "0",
-                            "--n-test", "1", *shared, *data, *common, "--out", str(stem)], log)
+                _train("ltd", "ltd.toml", [f"tau_t={tau_t}", f"tau_s={tau_s}", f"holdout={args.holdout}",
+                                           "val_pgd_n=0", "n_test=1", *_overrides(shared)], stem, args, log)
             training = json.loads(ckpt.read_text())["training"]
             last = training["epochs_log"][-1]
-            rows.append({"tau_t": tau_t, "tau_s": tau_s, "framework": training["framework"],
+            rows.append({"tau_t": tau_t, "tau_s": tau_s, "framework": _framework(training),
                          "holdout_n": last["val_n"], "holdout_clean_acc": last["val_clean_acc"],
                          "holdout_pgd10_acc": last["val_pgd10_acc"],
-                         "train_wall_s": training["wall_time_s"], "checkpoint": ckpt.name})
+                         "train_wall_s": training["wall_time_s"], "checkpoint": ckpt.name,
+                         "holdout_curve": _val_curve(training)})
     best = max(rows, key=lambda r: (r["holdout_pgd10_acc"], r["holdout_clean_acc"]))
     lines = ["| tau_t | tau_s | holdout clean | holdout PGD-10 | train time |",
              "| ---: | ---: | ---: | ---: | ---: |"]
@@ -235,7 +329,9 @@ def ablation(args: argparse.Namespace, shared: list[str], common: list[str], dat
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m robustkit.train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="data root holding cifar10/{train,test}.npz")
-    p.add_argument("--out-dir", default="defenses/ltd_comparison")
+    p.add_argument("--out-dir", default="defenses/ltd_comparison", help="results and tables (committed)")
+    p.add_argument("--work-dir", default=None,
+                   help="checkpoints and AutoAttack records (default: runs/<out-dir name>; not committed)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list from {', '.join(RUNS)}")
     p.add_argument("--n-examples", type=int, default=1000, help="AutoAttack on the first N test images")
     p.add_argument("--attack", default="autoattack")
@@ -268,36 +364,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep:
             raise SystemExit(f"--train-arg needs FLAG=VALUE, got {item!r}")
         shared += [f"--{key.strip().lstrip('-')}", value]
-    common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
-    common += ["--no-progress"] if args.no_progress else []
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     exe = [sys.executable, "-m", "robustkit"]
     if args.ablation:
-        return ablation(args, shared, common, data, command)
+        return ablation(args, shared, command)
 
+    from robustkit.core.errors import DataError
+    from robustkit.eval.results import result_stem, write_json_atomic
+
+    kept = {r["run"]: r for r in _previous_rows(out / "table.json", shared)}
     rows = []
     t0 = time.perf_counter()
     for name in names:
-        method, recipe, extra = RUNS[name]
-        stem = out / name.replace("+", "_")
+        trainer, recipe, extra = RUNS[name]
+        stem = _work_dir(args) / name.replace("+", "_")
         ckpt = stem.parent / (stem.name + ".json")
-        if not ckpt.exists():  # the checkpoint JSON is written last: its presence means "trained"
-            _run(exe + ["train", method, "--recipe", str(RECIPES / recipe), *extra, *shared, *data,
-                        *common, "--out", str(stem)], log)
-        result = out / f"{stem.name}__{args.attack}-n{args.n_examples}.json"
+        # the name `robustkit eval` gives (seed 0 is its default)
+        result = out / f"{result_stem(stem.name, args.attack, 'cifar10', args.n_examples, 0)}.json"
         if not result.exists():
+            if not ckpt.exists():  # the checkpoint JSON is written last: its presence means "trained"
+                _train(trainer, recipe, [*extra, *_overrides(shared)], stem, args, log)
+            scratch = stem.parent / result.name  # its records (resume state) stay in the work folder
             _run(exe + ["eval", "--model", str(stem) + ".safetensors", "--dataset", "cifar10",
                         "--attack", args.attack, "--n-examples", str(args.n_examples), *data,
-                        "--device", args.device, "--out", str(result)]
+                        "--device", args.device, "--out", str(scratch)]
                  + (["--no-progress"] if args.no_progress else []), log)
-        rows.append(_row(name, ckpt, result))
+            write_json_atomic(result, json.loads(scratch.read_text()))
+        facts = _checkpoint_facts(ckpt) if ckpt.exists() else kept.get(name)
+        if facts is None:
+            raise DataError(f"{result} has neither its checkpoint {ckpt} nor a row in {out / 'table.json'} "
+                            "with its training facts; delete the result to retrain and re-evaluate")
+        rows.append(_row(name, facts, result))
 
     table = {"schema": "robustkit.ltd_comparison", "schema_version": 1, "command": command,
              "shared_train_overrides": shared, "device": args.device,
              "rows": [{k: v for k, v in r.items() if not k.endswith("_flags")} for r in rows],
              "paired_tests": paired_tests(rows)}
-    from robustkit.eval.results import write_json_atomic
-
     write_json_atomic(out / "table.json", table)
     md = render_markdown(rows, command)
     (out / "table.md").write_text(md)

@@ -1,0 +1,90 @@
+"""Pieces every trainer's epoch loop shares, written once: which weights decay, the order of an
+epoch's batches, setting the learning rate of a step, the running loss and accuracy of an epoch, the
+crop-and-flip augmentation and the index ranges a checkpoint's training block records.
+
+Each trainer keeps its own loop (airbench style: the loop is where a method's tricks are, and one
+reads it in one sitting); these are the lines that were the same in all of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups with weight decay on conv/linear weights only (``ndim > 1``):
+    decaying BatchNorm scales and biases only fights BatchNorm, which undoes any rescaling."""
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch's index batches: a permutation of ``range(n)`` drawn from ``gen`` (on the
+    generator's device, so a CUDA generator stays reproducible), cut into ``batch_size`` pieces
+    (the last may be smaller), returned on the CPU."""
+    perm = torch.randperm(n, generator=gen, device=gen.device).cpu()
+    for b in range(math.ceil(n / batch_size)):
+        yield perm[b * batch_size : (b + 1) * batch_size]
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate: schedules here are functions of the step, applied per batch."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+class RunningStats:
+    """Mean loss and accuracy over an epoch's batches, weighted by batch size."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Count one batch (``loss`` its mean loss; ``.item()`` syncs once per batch, as a log must)."""
+        self.loss_sum += loss.item() * len(y)
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.seen += len(y)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.seen)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(1, self.seen)
+
+
+def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (reflect-padded by ``pad``; 0 = none) + horizontal flip of a batch, tensor ops only.
+
+    One gather per batch instead of a per-image Python loop: every image gets its own offset.
+    """
+    n, _, h, w = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # n,1,h,1
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # n,1,1,w
+        idx = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = xp[idx, chans, rows, cols]
+    flip = torch.rand(n, generator=gen, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def index_ranges(indices: Iterable[int]) -> str:
+    """Compact ``0-1101,10000-11016`` description of (sorted) official indices, for training blocks."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive indices
+    for i in sorted(int(i) for i in indices):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
