@@ -22,7 +22,6 @@ import sys
 import tarfile
 import tempfile
 import warnings
-import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from robustkit.core.errors import ConfigError, DataError, InputRangeError, UnknownNameError
+from robustkit.core.npz import path_kind, read_npz
 from robustkit.core.registry import Registry
 
 __all__ = [
@@ -245,7 +245,11 @@ def load_split(
 
     root = resolve_data_dir(data_dir)
     cache = root / info.name / f"{split}.npz"
-    if cache.is_file():
+    kind = path_kind(cache, "the robustkit cache")
+    if kind in ("dir", "other"):
+        raise DataError(f"{cache}: is a {'folder' if kind == 'dir' else 'special file'} where the robustkit cache "
+                        f"file belongs ({info.name}/{split}.npz); move it away")
+    if kind == "file":
         loaded = _read_cache(cache, info, split, sizes[split])
     elif "image_folders" in entry.meta:
         loaded = _load_image_folder(info, split, root, cache, download, progress, entry.meta)
@@ -266,13 +270,20 @@ def _load_torchvision(
         _write_cache(cache, loaded)
         return loaded
 
-    where = "" if root_existed else f" (data dir {root} does not exist)"
+    where = _where(root, root_existed)
     hint = "" if download else ", or allow downloading (drop --no-download / download=False)"
     raise DataError(
         f"no {info.name} {split} data{where}: tried {cache} (not found) and torchvision's {tv_dir} "
         f"({reason}); set {ENV_VAR} or --data-dir to a folder containing {info.name}/{split}.npz "
         f"(robustkit cache format) or torchvision's {meta['torchvision_dir']}{hint}"
     )
+
+
+def _where(root: Path, root_existed: bool) -> str:
+    """Why nothing was found under the data dir, when the data dir itself is the problem."""
+    if not root_existed:
+        return f" (data dir {root} does not exist)"
+    return f" (data dir {root} is a file, not a folder)" if path_kind(root, "the data dir") == "file" else ""
 
 
 def _or_list(names: Mapping[str, Any]) -> str:
@@ -323,19 +334,11 @@ def load_examples(
 
 
 PER_EXAMPLE_EXTRAS = ("source", "filenames", "duplicate")  # optional cache arrays kept on ArraySplit.extra
-_CACHE_READ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
 
 
 def _read_cache(path: Path, info: DatasetInfo, split: str, official_size: int) -> ArraySplit:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: not an .npz archive (expected arrays images, labels, indices)")
-            arrays = {k: f[k] for k in f.files}
-    except DataError:
-        raise
-    except _CACHE_READ_ERRORS as e:
-        raise DataError(f"{path}: unreadable or corrupt cache file ({_one_line(e)}); delete it to rebuild") from e
+    _, arrays = read_npz(path, "robustkit cache file", "it is corrupt or not a robustkit cache (arrays images, "
+                         "labels, indices): delete it to rebuild it from the dataset's files")
     return _validate(arrays, info, split, official_size, str(path))
 
 
@@ -466,7 +469,7 @@ def _load_image_folder(
         tree = _find_tree(folders, split)
     if tree is None:
         tried = " and ".join(str(f / split) for f in folders)
-        where = "" if root_existed else f" (data dir {root} does not exist)"
+        where = _where(root, root_existed)
         hint = "" if download else ", or allow downloading (drop --no-download / download=False)"
         raise DataError(
             f"no {info.name} {split} data{where}: tried {cache} (not found), the image folders {tried} "
@@ -665,21 +668,15 @@ def load_array_file(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     N×C×H×W or N×H×W×C that must already lie in [0,1]; float values outside [0,1] -> InputRangeError
     naming the min/max found; missing keys/unreadable file -> DataError."""
     path = Path(path).expanduser()
-    if not path.is_file():
+    if path_kind(path, "data file") == "missing":
         raise DataError(f"data file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: expected an .npz archive with arrays 'images' and 'labels'")
-            missing = [k for k in ("images", "labels") if k not in f.files]
-            if missing:
-                raise DataError(f"{path}: missing array(s) {', '.join(missing)} "
-                                f"(found: {', '.join(f.files) or 'none'}); expected 'images' and 'labels'")
-            images, labels = f["images"], f["labels"]
-    except DataError:
-        raise
-    except _CACHE_READ_ERRORS as e:
-        raise DataError(f"{path}: unreadable data file ({_one_line(e)})") from e
+    names, arrays = read_npz(path, "data file", "save it with numpy.savez(path, images=..., labels=...)",
+                             only=("images", "labels"))
+    missing = [k for k in ("images", "labels") if k not in names]
+    if missing:
+        raise DataError(f"{path}: missing array(s) {', '.join(missing)} "
+                        f"(found: {', '.join(names) or 'none'}); expected 'images' and 'labels'")
+    images, labels = arrays["images"], arrays["labels"]
 
     if images.ndim == 3:  # N x H x W greyscale
         images = images[:, None]

@@ -99,6 +99,19 @@ def test_eval_alpha_stays_in_the_configured_range():
         assert bool(((a >= 0.3 - 1e-6) & (a <= 0.6 + 1e-6)).all())
     # Training mode uses the training constants and no squeeze.
     assert MixingConfig().alpha_min == 0.0 and MixingConfig().alpha_max == 1.0
+
+
+def test_deployed_floor_holds_where_the_sigmoid_goes_below_it():
+    """A configured [0.8, 1] floor (the shipped model's): the same mixer without it gives alphas below 0.8."""
+    floored, bare = (_composite(MixingConfig(eval_bias=0.0, alpha_min=lo)) for lo in (0.8, 0.0))
+    x = torch.rand(64, 3, 32, 32)
+    for m in (floored, bare):
+        m.train()
+        m(x)  # the same BN statistics for both
+        m.eval()
+    a_floored, a_bare = floored.mixing_weight(x), bare.mixing_weight(x)
+    assert float(a_bare.min()) < 0.8 <= float(a_floored.min()) and float(a_floored.max()) <= 1.0
+    torch.testing.assert_close(a_floored, 0.8 + 0.2 * a_bare)
     with pytest.raises(ConfigError):
         MixingConfig(alpha_min=0.7, alpha_max=0.6)
 
@@ -293,11 +306,15 @@ def test_shipped_default_model_is_the_recipe_and_reproduces_its_card(real_data_d
     assert (m.config.eval_bias, m.config.alpha_min, m.config.train_bias) == (
         config.eval_bias, config.alpha_min, config.train_bias)
     assert loaded.metadata["arch_args"]["std_pin"] == load_model("airbench94.cifar10_partial_tta0").function_sha256
+    assert (m.config.alpha_min, m.config.alpha_max) == (0.8, 1.0)  # the deployed floor
     x, y = load_split("cifar10", "test", data_dir=real_data_dir).tensors(200)
     with torch.no_grad():
-        assert int((m(x).argmax(1) == y).sum()) == 111
+        out, gamma = m.forward_with_gamma(x)
+        assert int((out.argmax(1) == y).sum()) == 111
         a = m.mixing_weight(x)
-    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    # The floor is doing work: the bare sigmoid falls below 0.8 on some images, the deployed alpha never.
+    assert float(torch.sigmoid(gamma).min()) < 0.8 <= float(a.min()) and float(a.max()) <= 1.0
+    torch.testing.assert_close(a, 0.8 + 0.2 * torch.sigmoid(gamma))
 
 
 def test_cli_trains_then_redeploys_the_same_mixer_with_new_constants(tmp_path, capsys):

@@ -165,9 +165,15 @@ def test_randomized_attack_is_deterministic_and_chi2_iterations_work() -> None:
     a, b = run(5), run(5)
     assert all(torch.equal(p[1], q[1]) for p, q in zip(a, b, strict=True))
     draws: list[AttackDraw] = []
-    randomized_attack(_StandIn(), x, y, eps=0.03, generator=torch.Generator().manual_seed(0), n_targets=1,
-                      iter_df=3, draws=draws)
-    assert len(draws) == 2 and all(d.n_iter >= 1 for d in draws)
+    model = _StandIn()
+    randomized_attack(model, x, y, eps=0.03, generator=torch.Generator().manual_seed(0), n_targets=1,
+                      iter_df=20, draws=draws)
+    # iter_df overrides the default iter_range (2, 5): the first count is chi^2(20) drawn from the
+    # generator's first 20 normals, the second another chi^2(20) draw (20 +- 6), and APGD runs
+    # exactly that many steps (one clean call, then n_iter + 2 calls per attack).
+    first = round(float(torch.randn(20, generator=torch.Generator().manual_seed(0)).pow(2).sum()))
+    assert len(draws) == 2 and draws[0].n_iter == first and all(8 <= d.n_iter <= 40 for d in draws)
+    assert model.calls == 1 + sum(d.n_iter + 2 for d in draws)
 
 
 def test_bce_term_pushes_gamma_down() -> None:

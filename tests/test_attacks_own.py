@@ -185,14 +185,35 @@ def test_pgd_at_least_as_strong_as_fgsm(threat: ThreatModel) -> None:
     assert pgd_acc <= fgsm_acc < 1.0
 
 
-def test_pgd_keeps_adversarial_iterates() -> None:
-    """Every example the returned batch still classifies correctly was never broken by any iterate."""
-    model = _conv_net()
-    x, _ = _data(32)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    adv = _run(PGD(LINF, steps=10, restarts=3), model, x, y)
-    assert _accuracy(model, adv, y) < 1.0
+class _Band(nn.Module):
+    """Class 1 wins only while the mean pixel is in (lo, hi), more so the higher it is; the gradient always
+    says "brighter", so sign-PGD walks every pixel up one step at a time, into the band and out again."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.flatten(1).mean(1)
+        inside = (s > self.lo) & (s < self.hi)
+        z1 = torch.where(inside, 1.0 + 100.0 * (s - self.lo), torch.full_like(s, -1.0)).detach() + s - s.detach()
+        return torch.stack([torch.zeros_like(z1), z1], 1)
+
+
+def test_pgd_keeps_the_first_adversarial_iterate() -> None:
+    """Iterates 2 and 3 of the first example are adversarial (3 with the higher loss), 4-6 are not again;
+    the second example keeps the loop running to the last step. PGD must return iterate 2: not the
+    last iterate (correct again) and not the highest-loss one."""
+    step = 1 / 255
+    model = _Band(0.5 + 1.5 * step, 0.5 + 3.5 * step)
+    x = torch.stack([torch.full(SHAPE, 0.5), torch.full(SHAPE, 0.3)])
+    y = torch.zeros(2, dtype=torch.long)
+    iterates = [x[0] + t * step for t in range(7)]
+    assert [int(model(it[None]).argmax()) for it in iterates] == [0, 0, 1, 1, 0, 0, 0]
+    assert model(iterates[3][None])[0, 1] > model(iterates[2][None])[0, 1]
+    adv = _run(PGD(LINF, steps=6, step_size=step, random_start=False), model, x, y)
+    torch.testing.assert_close(adv[0], iterates[2], rtol=0, atol=1e-6)
+    assert model(adv).argmax(1).tolist() == [1, 0]  # the second example was never broken
 
 
 def test_margin_loss_sign() -> None:

@@ -159,7 +159,8 @@ def test_sigkill_and_resume_gives_identical_result(tiny_checkpoint, tmp_path):
 
     a, b = json.loads(killed.read_text()), json.loads(straight.read_text())
     assert a["timing"]["resumed_batches"] >= done_before + 1  # the clean batches and the pgd ones
-    for key in ("clean_accuracy", "robust_accuracy", "clean_flags", "robust_flags", "passes", "n_examples"):
+    for key in ("clean_accuracy", "robust_accuracy", "clean_flags", "robust_flags", "passes", "n_examples",
+                "budget"):  # the budget counts every attacked example, not only this process's
         assert a[key] == b[key], key
     assert [(s["name"], s["accuracy"], s["n_attacked"]) for s in a["stages"]] == \
            [(s["name"], s["accuracy"], s["n_attacked"]) for s in b["stages"]]

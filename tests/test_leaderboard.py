@@ -284,6 +284,10 @@ def test_add_refuses_non_comparable_results(aa_result, tmp_path, capsys):
     code, err = add(_write(tmp_path / "junk.json", "{not json"))
     assert code == 2 and "junk.json" in err
 
+    code, err = add(sub, "--allow-subset", "--paper-link", "javascript:alert(1)")
+    assert code == 2 and "--paper-link 'javascript:alert(1)'" in err and "http(s)" in err
+    assert not entries.exists()  # refused before anything is written
+
     assert add(sub, "--allow-subset")[0] == 0
     path = entries / "cifar10" / "Linf" / "Doe2026Robust.json"
     assert json.loads(path.read_text())["robustkit"]["subset"] is True

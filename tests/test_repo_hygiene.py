@@ -29,7 +29,7 @@ POSIX = re.compile(r"(?<![\w.~/:-])/(?:" + "|".join(re.escape(r) for r in POSIX_
 WINDOWS = re.compile(r"(?<![\w])[A-Za-z]:(?:\\\\|\\|/)(?:" + "|".join(re.escape(r) for r in WINDOWS_ROOTS)
                      + r")\b", re.IGNORECASE)
 BINARY_SUFFIXES = (".png", ".jpg", ".safetensors", ".pt", ".npz", ".gz", ".zip", ".whl")
-RESUME_STATE = re.compile(r"(\.records\.jsonl$|\.records/|(^|/)\.[^/]+\.tmp$)")
+RESUME_STATE = re.compile(r"(\.records\.jsonl(\.lock)?$|\.records/|(^|/)\.[^/]+\.tmp$)")
 
 
 def machine_paths(line: str) -> list[str]:

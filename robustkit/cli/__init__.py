@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from robustkit.cli.options import add_common, apply_common, check_device_flag, progress_enabled, warn
 from robustkit.core.errors import ConfigError, RobustkitError
+
+# Nothing above imports torch: main() imports the commands, so its handlers (one line for Ctrl-C or
+# a bad argument, exit 130 or 2) are in place while torch loads, the longest part of start-up.
+INTERRUPTED = ("robustkit: error: interrupted (an evaluation keeps its finished batches: the same command "
+               "resumes it)")
 
 EXAMPLES = """\
 examples:
@@ -36,8 +41,18 @@ examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line in robustkit's form (exit 2), like every other user error;
+    the usage itself is one ``--help`` away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"robustkit: error: {' '.join(message.split())}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from robustkit.cli.options import add_common
+
+    parser = OneLineParser(
         prog="robustkit",
         description="Adversarial-robustness evaluation: clean and AutoAttack accuracy you can trust, "
         "reproduce, resume and submit.",
@@ -79,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--alpha", type=float, default=None, dest="alpha_deprecated", help=argparse.SUPPRESS)
     rg.add_argument("--from-result", default=None, metavar="RESULT.json",
                     help="create the baseline file PATH from an existing result JSON (exactly one PATH)")
-    add_common(rg, seed=None)
+    add_common(rg, seed=None, force=True)
     rg.set_defaults(func=cmd_regress)
 
     from robustkit.cli.bench import add_parser as add_bench_parser
@@ -93,36 +108,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: 0 on success, 2 (one line on stderr) on any user error, 130 on Ctrl-C at any
+    point, start-up included; a usage error exits 2 through argparse's SystemExit."""
+    try:
+        return _run(argv)
+    except RobustkitError as e:
+        print(f"robustkit: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
+    from robustkit.cli.options import apply_common, check_device_flag
     from robustkit.core.plugins import load_plugins
 
-    try:
-        load_plugins()  # out-of-tree models, trainers and attacks register before names are looked up
-    except RobustkitError as e:
-        print(f"robustkit: error: {e}", file=sys.stderr)
-        return e.exit_code
+    load_plugins()  # out-of-tree models, trainers and attacks register before names are looked up
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    try:
-        if getattr(args, "device", None) is not None:
-            check_device_flag(args.device)
-        with apply_common(args):
-            return int(args.func(args) or 0)
-    except RobustkitError as e:
-        print(f"robustkit: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("robustkit: interrupted; finished batches are saved — run the same command to resume",
-              file=sys.stderr)
-        return 130
+    if getattr(args, "device", None) is not None:
+        check_device_flag(args.device)
+    with apply_common(args):
+        return int(args.func(args) or 0)
 
 
 # --------------------------------------------------------------------------- regress
 
 
 def cmd_regress(args: argparse.Namespace) -> int:
+    from robustkit.cli.options import progress_enabled, warn
     from robustkit.eval.regress import DEFAULT_ALPHA, create_baseline, run_regress
 
     if args.alpha_deprecated is not None:
@@ -139,6 +157,7 @@ def cmd_regress(args: argparse.Namespace) -> int:
         out = Path(args.paths[0])
         if out.is_dir():
             raise ConfigError(f"{out} is a folder; give the baseline file to write, e.g. {out / 'name.json'}")
+        _check_baseline_out(args, out)
         existed = out.exists()
         alpha = args.significance if args.significance is not None else DEFAULT_ALPHA
         baseline = create_baseline(args.from_result, out, alpha=alpha, mode=args.tolerance or "auto")
@@ -150,6 +169,20 @@ def cmd_regress(args: argparse.Namespace) -> int:
         return 0
     return run_regress(args.paths, update=args.update, tolerance=args.tolerance, alpha=args.significance,
                        device=args.device, data_dir=args.data_dir, progress=progress_enabled(args))
+
+
+def _check_baseline_out(args: argparse.Namespace, out: Path) -> None:
+    """An existing file is replaced only when it is a baseline of the same evaluation as the result
+    (model, attack, dataset, n, seed) or with --force; never the result itself."""
+    from robustkit.eval.outputs import check_output, command_inputs, read_json, same_run
+    from robustkit.eval.regress import BASELINE_SCHEMA
+
+    src = read_json(Path(args.from_result))
+    keys = ("model", "attack", "dataset", "n_examples", "seed")
+    fields = {k: src.get(k) for k in keys} if isinstance(src, dict) else None
+    check_output(out, inputs=command_inputs(args), flag="PATH", force=args.force,
+                 kind="a baseline of the same evaluation",
+                 replaceable=same_run(BASELINE_SCHEMA, fields, section="result") if fields else None)
 
 
 # --------------------------------------------------------------------------- list / train / bench

@@ -11,16 +11,17 @@ first N examples, checked in that order so a bad name fails before any data load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import sys
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustkit.cli.options import add_common, progress_enabled
+from robustkit.cli.options import add_common, progress_enabled, warn
 from robustkit.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def _add_eval(sub: argparse._SubParsersAction, epilog: str) -> None:
                     "between them")
     ev.add_argument("--no-resume", action="store_true", help="start over even if --out has records")
     add_common(ev, out="result JSON; per-example records go next to it as .records.jsonl "
-               "(default: results/<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
+               "(default: results/<model>__<attack>__<dataset>-n<N>-s<seed>.json)", force=True)
     ev.set_defaults(func=cmd_eval)
 
 
@@ -112,7 +113,8 @@ def _add_curve(sub: argparse._SubParsersAction) -> None:
                     help="start over even if the curve's records folder (next to --out) has finished points")
     cv.add_argument("--plot", default=None, metavar="PATH.png", help="plot path (default: --out with .png)")
     add_common(cv, seed="seed, the same at every eps (default: 0)",
-               out="curve JSON (default: results/curve__<model>__<attack>__<dataset>-n<N>-s<seed>.json)")
+               out="curve JSON (default: results/curve__<model>__<attack>__<dataset>-n<N>-s<seed>.json)",
+               force=True)
     cv.set_defaults(func=cmd_curve)
 
 
@@ -143,7 +145,7 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
                     help="writes <model>__<attack>__n<N>.json/.png and a .points/ folder there "
                     "(default: eval/tradeoff)")
     to.add_argument("--no-resume", action="store_true", help="start over even if finished points exist")
-    add_common(to, seed="seed, the same at every point (default: 0)")
+    add_common(to, seed="seed, the same at every point (default: 0)", force=True)
     to.set_defaults(func=cmd_tradeoff)
 
 
@@ -178,7 +180,8 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     mk.add_argument("--square-queries", type=int, default=5000,
                     help="queries of the direct Square run (default: 5000, AutoAttack's; 0 skips that check)")
     mk.add_argument("--markdown", default=None, metavar="PATH.md", help="Markdown path (default: --out with .md)")
-    add_common(mk, out="report JSON (default: results/<model>__masking__<dataset>-n<N>-s<seed>.json)")
+    add_common(mk, out="report JSON (default: results/<model>__masking__<dataset>-n<N>-s<seed>.json)",
+               force=True)
     mk.set_defaults(func=cmd_check_masking)
 
 
@@ -226,6 +229,7 @@ def load_subject(args: argparse.Namespace,
     """Model, attack factory and the first N examples, in that order: ``check(attack, loaded)`` runs
     before the data loads, so a bad attack name or parameter costs no data loading."""
     from robustkit.core.provenance import require_device
+    from robustkit.eval.inputs import check_model_data, expected_input_shape
     from robustkit.eval.subject import Subject
     from robustkit.models import load_model
     from robustkit.models.base import model_source
@@ -235,6 +239,10 @@ def load_subject(args: argparse.Namespace,
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     params = dict(parse_attack_arg(a) for a in args.attack_arg)  # applied to every attack built
+    if args.dataset and not args.data_file:  # a typo is an unknown dataset, not a missing default eps
+        from robustkit.data import dataset_info
+
+        dataset_info(args.dataset)
     device = require_device(args.device)
     options: dict[str, Any] = {}
     if model_source(args.model) is not None:  # a foreign zoo: which benchmark, where its weights live
@@ -246,10 +254,14 @@ def load_subject(args: argparse.Namespace,
     if check is not None:
         check(attack, loaded)
     x, y, data_info, dataset_name = _load_examples(args, dataset)
-    if loaded.num_classes is not None and int(y.max()) >= loaded.num_classes:
-        raise ConfigError(f"labels go up to {int(y.max())} but {args.model} has {loaded.num_classes} classes: "
-                          f"is --dataset {dataset_name} the data it was trained for?")
+    other_dataset = check_model_data(loaded, x, y, data_name=dataset_name,
+                                     dataset=None if args.data_file else dataset)  # refuses a mismatch
+    if other_dataset:
+        warn(other_dataset)
     subject = Subject.from_loaded(loaded, dataset=dataset_name, data_info=data_info)
+    shape = expected_input_shape(loaded)
+    if shape is not None:  # recorded, and every evaluate() of this subject checks its images against it
+        subject = replace(subject, model_info={**subject.model_info, "input_shape": list(shape)})
     return EvalInputs(loaded.model, device, attack, x, y, subject)
 
 
@@ -289,6 +301,8 @@ def _load_examples(args: argparse.Namespace, dataset: str) -> tuple[Any, Any, di
 def cmd_eval(args: argparse.Namespace) -> int:
     """One result per attack of the (comma) list, all on the same examples."""
     from robustkit.eval import evaluate
+    from robustkit.eval.lock import locked
+    from robustkit.eval.outputs import check_early
 
     names = [args.attack] if "," not in args.attack else [a.strip() for a in args.attack.split(",")]
     if len(names) > 1 and (any(not a or a.lower() == "none" for a in names) or len(set(names)) < len(names)):
@@ -305,27 +319,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if hasattr(a, "check_model"):
                 a.check_model(loaded.model)
 
+    if args.out:  # an output that cannot be written or would destroy an input fails before anything loads
+        check_early(args, [(p, "--out") for a in names for p in _eval_paths(args, a, len(names), None)])
     s = load_subject(args, check=build)
+    outs = [_eval_paths(args, a, len(names), s)[0] for a in names]
+    fresh = [_check_eval_output(args, s, None if attack is None else name, out)  # --force over another run
+             for name, attack, out in zip(names, attacks, outs, strict=True)]
     results = []
-    for name, attack in zip(names, attacks, strict=True):
-        out = Path(args.out) if args.out else default_out(s.subject.model, name, s.subject.dataset, len(s.y),
-                                                          args.seed)
-        if args.out and len(names) > 1:  # one result per attack beside the path given
-            out = out.with_name(f"{out.stem}__{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)}{out.suffix}")
-        records = out.with_suffix(".records.jsonl")
-        result = evaluate(s.model, attack, s.x, s.y, subject=s.subject,
-                          attack_name=None if attack is None else name, batch_size=args.batch_size,
-                          device=s.device, seed=args.seed, records_path=records, resume=not args.no_resume,
-                          progress=progress_enabled(args))
-        result.save(out)
-        if results:
-            print()
-        print(result.summary())
-        print(f"\nresult: {out}\nrecords: {records}")
-        results.append(result)
+    with contextlib.ExitStack() as held:  # every records file is ours before the first batch runs
+        for out in outs:
+            held.enter_context(locked(out.with_suffix(".records.jsonl")))
+        for name, attack, out, start_over in zip(names, attacks, outs, fresh, strict=True):
+            records = out.with_suffix(".records.jsonl")
+            result = evaluate(s.model, attack, s.x, s.y, subject=s.subject,
+                              attack_name=None if attack is None else name, batch_size=args.batch_size,
+                              device=s.device, seed=args.seed, records_path=records,
+                              resume=not (args.no_resume or start_over), progress=progress_enabled(args))
+            result.save(out)
+            if results:
+                print()
+            print(result.summary())
+            print(f"\nresult: {out}\nrecords: {records}")
+            results.append(result)
     if len(results) > 1:
         print("\n" + _attack_comparison(results))
     return 0
+
+
+def _eval_paths(args: argparse.Namespace, name: str, n_attacks: int, s: EvalInputs | None) -> list[Path]:
+    """An attack's result and records path (``s`` None: only --out is known, before loading)."""
+    if args.out:
+        out = Path(args.out)
+        if n_attacks > 1:  # one result per attack beside the path given
+            out = out.with_name(f"{out.stem}__{re.sub(r'[^A-Za-z0-9._+-]+', '_', name)}{out.suffix}")
+    else:
+        assert s is not None
+        out = default_out(s.subject.model, name, s.subject.dataset, len(s.y), args.seed)
+    return [out, out.with_suffix(".records.jsonl")]
+
+
+def _check_eval_output(args: argparse.Namespace, s: EvalInputs, attack: str | None, out: Path) -> bool:
+    """An existing result is replaced only when it is one of this evaluation (which a resume may
+    rewrite) or with --force; records only when they are robustkit records (resume checks whose).
+    True when --force replaces another evaluation's result: its records beside it start over too."""
+    from robustkit.eval.outputs import check_output, command_inputs, data_inputs, is_records_file, same_run
+    from robustkit.eval.results import RESULT_SCHEMA
+
+    inputs = command_inputs(args) + data_inputs(s.subject.data_info)
+    fields = {"model": s.subject.name_for(s.model), "attack": attack, "dataset": s.subject.dataset,
+              "n_examples": len(s.y), "seed": args.seed}
+    ours = same_run(RESULT_SCHEMA, fields)
+    check_output(out, inputs=inputs, force=args.force, kind="a result of this evaluation", replaceable=ours)
+    check_output(out.with_suffix(".records.jsonl"), inputs=inputs, force=args.force,
+                 kind="a robustkit records file", replaceable=is_records_file)
+    return out.exists() and not ours(out)
 
 
 def _attack_comparison(results: list[Any]) -> str:
@@ -345,18 +392,26 @@ def cmd_curve(args: argparse.Namespace) -> int:
     """The attack at every eps of the grid (robustkit.eval.curve holds the logic)."""
     import warnings
 
-    from robustkit.eval.curve import CurveWarning, parse_eps_spec, robustness_curve
+    from robustkit.eval.curve import CURVE_SCHEMA, CurveWarning, parse_eps_spec, robustness_curve
+    from robustkit.eval.lock import refuse_if_locked
+    from robustkit.eval.outputs import check_early, is_png
 
     grid = parse_eps_spec(args.eps)
     if args.attack.lower() == "none":
         raise ConfigError("a curve needs an attack (--attack none gives clean accuracy only: use eval)")
+    if args.out or args.plot:  # unwritable outputs fail before anything loads
+        check_early(args, _given_outputs(args.out, ("--plot", args.plot), ".png"),
+                    folders=[Path(args.out).with_suffix(".records")] if args.out else [])
     # a bad attack name or parameter fails before data loads
     s = load_subject(args, check=lambda attack, _: attack(eps=next(e for e in grid if e > 0)))
     eval_out = default_out(s.subject.model, args.attack, s.subject.dataset, len(s.y), args.seed)
     out = Path(args.out) if args.out else eval_out.with_name(f"curve__{eval_out.name}")
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     records_dir = out.with_suffix(".records")
+    _check_report_outputs(args, s, out, CURVE_SCHEMA, {"attack": args.attack},
+                          [(plot, "--plot" if args.plot else "--out", "plot", is_png)], [records_dir])
     if args.no_resume and records_dir.exists():
+        refuse_if_locked(records_dir)
         shutil.rmtree(records_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CurveWarning)  # printed below as one line each
@@ -374,7 +429,15 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 def cmd_tradeoff(args: argparse.Namespace) -> int:
     """g, h, fixed-alpha mixtures and the adaptive model (robustkit.eval.tradeoff holds the logic)."""
-    from robustkit.eval.tradeoff import accuracy_tradeoff, parse_alphas, require_mixed, tradeoff_stem
+    from robustkit.eval.lock import refuse_if_locked
+    from robustkit.eval.outputs import check_early, is_png
+    from robustkit.eval.tradeoff import (
+        TRADEOFF_SCHEMA,
+        accuracy_tradeoff,
+        parse_alphas,
+        require_mixed,
+        tradeoff_stem,
+    )
 
     alphas = parse_alphas(args.alphas)
     if args.attack.lower() == "none":
@@ -386,11 +449,16 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
         require_mixed(loaded.model, loaded.name)
         attack()  # a bad attack name or parameter fails before data loads
 
+    check_early(args, [], folders=[Path(args.out_dir)], flag="--out-dir")  # before anything loads
     s = load_subject(args, check=check)
     stem = tradeoff_stem(s.subject.model, args.attack, s.subject.dataset, len(s.y), args.seed)
     out = Path(args.out_dir) / f"{stem}.json"
     points_dir = Path(args.out_dir) / f"{stem}.points"
+    _check_report_outputs(args, s, out, TRADEOFF_SCHEMA, {"attack": args.attack},
+                          [(out.with_suffix(".png"), "--out-dir", "plot", is_png)], [points_dir],
+                          flag="--out-dir")
     if args.no_resume and points_dir.exists():
+        refuse_if_locked(points_dir)
         shutil.rmtree(points_dir)
     result = accuracy_tradeoff(
         s.model, s.attack, alphas, s.x, s.y, subject=s.subject, points_dir=points_dir,
@@ -423,7 +491,15 @@ def _tradeoff_command(args: argparse.Namespace, alphas: list[float], s: EvalInpu
 
 def cmd_check_masking(args: argparse.Namespace) -> int:
     """The gradient-masking checks (robustkit.eval.masking holds the logic); exit 1 when flagged."""
-    from robustkit.eval.masking import masking_report, render_markdown, save_report, sweep_grid
+    from robustkit.eval.masking import (
+        MARKDOWN_HEAD,
+        MASKING_SCHEMA,
+        masking_report,
+        render_markdown,
+        save_report,
+        sweep_grid,
+    )
+    from robustkit.eval.outputs import check_early, first_line_is
 
     if args.autoattack_result and args.run_autoattack:
         raise ConfigError("--autoattack-result and --run-autoattack do not combine")
@@ -433,11 +509,16 @@ def cmd_check_masking(args: argparse.Namespace) -> int:
         sweep_grid(threat, args.eps_grid, unbounded=args.unbounded)
         attack(eps=threat.eps)
 
+    if args.out or args.markdown:  # unwritable outputs fail before anything loads
+        check_early(args, _given_outputs(args.out, ("--markdown", args.markdown), ".md"))
     s = load_subject(args, check=check)
     threat = s.attack.threat()
     out = Path(args.out) if args.out else default_out(s.subject.model, "masking", s.subject.dataset, len(s.y),
                                                       args.seed)
     md = Path(args.markdown) if args.markdown else out.with_suffix(".md")
+    _check_report_outputs(args, s, out, MASKING_SCHEMA, {},
+                          [(md, "--markdown" if args.markdown else "--out", "Markdown",
+                            first_line_is(MARKDOWN_HEAD))], [])
     report = masking_report(
         s.model, s.x, s.y, eps=threat.eps, norm=threat.norm, device=s.device, eps_grid=args.eps_grid,
         unbounded=args.unbounded, sweep_attack=args.attack, sweep_params=s.attack.params,
@@ -458,12 +539,63 @@ def cmd_check_masking(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
+# A file written beside a report: its path, the flag that named it, what it is, and a check of its format.
+Companion = tuple[Path, str, str, Callable[[Path], bool]]
+
+
+def _given_outputs(out: str | None, beside: tuple[str, str | None], suffix: str) -> list[tuple[Path, str]]:
+    """The files a command line names as outputs, with their flags: --out and the file beside it
+    (``beside``: its flag and value, e.g. --plot; unset: --out with ``suffix``)."""
+    flag, value = beside
+    paths = [(Path(out), "--out")] if out else []
+    if value:
+        paths.append((Path(value), flag))
+    elif out:
+        paths.append((Path(out).with_suffix(suffix), "--out"))
+    return paths
+
+
+def _check_report_outputs(args: argparse.Namespace, s: EvalInputs, out: Path, schema: str,
+                          fields: dict[str, Any], companions: list[Companion], folders: list[Path],
+                          flag: str = "--out") -> None:
+    """Before the work: a report JSON is replaced only when it is one of this run (same model, data,
+    n, seed and ``fields``) or with --force, a plot or Markdown beside it only along with it; none of
+    them and no records folder may be an input or unwritable."""
+    from robustkit.eval.outputs import (
+        check_not_input,
+        check_output,
+        check_place,
+        command_inputs,
+        companion_of,
+        data_inputs,
+        same_run,
+    )
+
+    inputs = command_inputs(args) + data_inputs(s.subject.data_info)
+    ours = same_run(schema, {"model": s.subject.name_for(s.model), "dataset": s.subject.dataset,
+                             "n_examples": len(s.y), "seed": args.seed, **fields})
+    check_output(out, inputs=inputs, flag=flag, force=args.force, kind="a report of this run",
+                 replaceable=ours)
+    for path, path_flag, what, own_format in companions:  # replaced along with the report it belongs to
+        check_output(path, inputs=inputs, flag=path_flag, force=args.force,
+                     kind=f"the {what} of an earlier run of this command ({out})",
+                     replaceable=companion_of(out, ours, own_format))
+    for folder in folders:
+        check_place(folder, flag, folder=True)
+        check_not_input(folder, inputs, flag)
+
+
+OWN_FLAGS = {"eps": "--eps", "norm": "--norm", "dataset": "--dataset", "name": "--attack"}
+
+
 def parse_attack_arg(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` with VALUE read as a TOML value (numbers, booleans, lists), else a string."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
         raise ConfigError(f"--attack-arg {text!r}: write KEY=VALUE, e.g. steps=50")
+    if key in OWN_FLAGS:  # the threat model is not an attack parameter: one spelling, checked once
+        raise ConfigError(f"--attack-arg {text!r}: {key} has its own flag, {OWN_FLAGS[key]}")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from robustkit.cli.options import warn
 from robustkit.core.errors import ConfigError
-from robustkit.leaderboard.entries import Entry, boards, iter_entry_files, load_entries, read_entry
+from robustkit.leaderboard.entries import (
+    Entry,
+    boards,
+    is_http_url,
+    iter_entry_files,
+    load_entries,
+    read_entry,
+)
 from robustkit.leaderboard.render import render_html, render_markdown, write_if_changed
 
 DEFAULT_ENTRIES = Path("leaderboard/entries")
@@ -85,6 +92,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="the architecture already exists in RobustBench or timm")
     su.add_argument("--license-url", help="custom license (default: MIT)")
     su.add_argument("--evaluation-method", help="override the evaluation description")
+    su.add_argument("--force", action="store_true", help="replace existing files in --out-dir that are not "
+                    "an earlier bundle of this entry")
     su.set_defaults(func=cmd_submit)
 
 
@@ -114,9 +123,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    from robustkit.eval.outputs import check_place, command_inputs
     from robustkit.eval.results import EvalResult
     from robustkit.leaderboard.submission import PaperInfo, entry_from_result, naming_hint, write_entry
 
+    check_place(args.entries, "--entries", folder=True)  # before anything is read
     result = EvalResult.load(args.result)
     paper = PaperInfo(
         model_id=args.name, title=args.paper_title, link=args.paper_link, authors=args.authors,
@@ -128,10 +139,13 @@ def cmd_add(args: argparse.Namespace) -> int:
 
         if not is_percent(args.reported):
             raise ConfigError(f"--reported {args.reported!r}: write a percentage such as 62.50")
+    if not is_http_url(args.paper_link):
+        raise ConfigError(f"--paper-link {args.paper_link!r}: give the paper's http(s) URL, e.g. "
+                          "https://arxiv.org/abs/2611.00001")
     if args.forward_passes is not None and args.forward_passes < 1:
         raise ConfigError(f"--forward-passes must be >= 1, got {args.forward_passes}")
     data = entry_from_result(result, paper, allow_subset=args.allow_subset, result_path=args.result)
-    path = write_entry(data, args.entries, args.name, force=args.force)
+    path = write_entry(data, args.entries, args.name, force=args.force, inputs=command_inputs(args))
     entry = read_entry(path)
     hint = naming_hint(args.name)
     for msg in ([hint] if hint else []) + [str(p) for p in entry.problems] + list(result.warnings):
@@ -204,6 +218,21 @@ def _label(source: str) -> str:
 # --------------------------------------------------------------------------- submit
 
 
+def _check_bundle(args: argparse.Namespace, entry: Entry, out: Path) -> None:
+    """The bundle's files replace only an earlier bundle of the same entry (its README or issue
+    names the model id), other files only with --force; never the entry itself."""
+    from robustkit.eval.outputs import check_output, check_place, command_inputs, first_line_is
+    from robustkit.leaderboard.submission import submission_paths
+
+    check_place(out, "--out-dir", folder=True)
+    issue, info, readme = submission_paths(entry, out)
+    ours = any(first_line_is(line)(p) for p, line in ((readme, f"# RobustBench submission: {entry.model_id}"),
+                                                       (issue, f"[New Model] {entry.model_id}")))
+    for p in (issue, info, readme):
+        check_output(p, inputs=command_inputs(args), flag="--out-dir", force=args.force or ours,
+                     kind=f"part of an earlier submission bundle of {entry.model_id}")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from robustkit.leaderboard.submission import (
         SubmissionOptions,
@@ -228,6 +257,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         warn("leaderboard submit --out is deprecated and will be removed in the next release; use --out-dir")
         args.out_dir = args.out_dir or args.out_deprecated
     out = Path(args.out_dir) if args.out_dir else Path("submissions") / entry.model_id
+    _check_bundle(args, entry, out)
     written = write_submission(entry, out, opts)
     print(issue_text(entry, opts))
     print("wrote " + ", ".join(str(p) for p in written) + f" (next steps: {out / 'README.md'})", file=sys.stderr)

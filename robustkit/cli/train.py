@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(to_toml(trainer.name, config))
         return 0
     out = Path(args.out) if args.out else Path("runs") / trainer.name
-    _refuse_overwrite(out, args.force)
+    _refuse_overwrite(out, args.force, _train_inputs(args, config))
     run = RunOptions(out=out, device=require_device(args.device), data_dir=args.data_dir,
                      download=not args.no_download, progress=progress_enabled(args))
     checkpoint = trainer(config, run)
@@ -140,12 +140,28 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-def _refuse_overwrite(out: Path, force: bool) -> None:
-    """A checkpoint is never silently replaced: the user asks for that with --force."""
+def _refuse_overwrite(out: Path, force: bool, inputs: list[tuple[Path, str]]) -> None:
+    """Before training: a checkpoint is never silently replaced (the user asks for that with
+    --force), never written over one of the run's inputs (its teacher, a base model, the recipe),
+    and an --out that cannot be written fails now, not after the last epoch."""
+    from robustkit.eval.outputs import check_not_input, check_place
+
     stem = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
-    existing = [p for p in (stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json"))
-                if p.exists()]
-    if existing and not force:
-        raise ConfigError(f"{existing[0]} exists; pass --force to replace it, or choose another --out")
     if stem.exists() and stem.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a checkpoint path, e.g. {stem / 'run'}")
+    pair = (stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json"))
+    for p in pair:
+        check_place(p)
+        check_not_input(p, inputs)
+    existing = [p for p in pair if p.exists()]
+    if existing and not force:
+        raise ConfigError(f"{existing[0]} exists; pass --force to replace it, or choose another --out")
+
+
+def _train_inputs(args: argparse.Namespace, config: Any) -> list[tuple[Path, str]]:
+    """What the run reads: the recipe, and every model a config field names (a teacher, base models)."""
+    from robustkit.core.config import config_to_dict
+    from robustkit.eval.outputs import command_inputs, model_inputs
+
+    names = [v for v in config_to_dict(config).values() if isinstance(v, str)]
+    return command_inputs(args) + [i for v in names for i in model_inputs(v)]

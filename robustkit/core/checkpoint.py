@@ -65,6 +65,11 @@ def _paths(path: str | Path) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(NAME.safetensors, NAME.json)`` for a checkpoint given by either file or by its stem."""
+    return _paths(path)
+
+
 def save_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -218,10 +223,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             f"checkpoint metadata not found: {meta_path} (a robustkit checkpoint is a "
             ".safetensors file plus a .json sidecar)"
         )
+    for p in (tensor_path, meta_path):
+        if not p.is_file():  # a folder named like the file: reading it would be an IsADirectoryError
+            raise CheckpointError(f"{p} is a {'folder' if p.is_dir() else 'special file'}, not a checkpoint file")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read checkpoint metadata {meta_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta_path} is not robustkit checkpoint metadata")
     for key in ("architecture", "sha256"):
@@ -245,7 +255,10 @@ def load_checkpoint(
 
     tensor_path, meta_path = _paths(path)
     meta = read_metadata(path)
-    actual = sha256_file(tensor_path)
+    try:
+        actual = sha256_file(tensor_path)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {tensor_path}: {e}") from None
     if actual != meta["sha256"]:
         raise CheckpointError(
             f"sha256 mismatch for {tensor_path}: file is {actual[:12]}…, its metadata says "

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from fractions import Fraction
 
-from robustkit.core.errors import ConfigError
+from robustkit.core.errors import ConfigError, close_matches_hint
 
 NORMS = ("Linf", "L2")
 
@@ -32,7 +32,10 @@ DEFAULT_EPS: dict[tuple[str, str], str] = {
     ("synthetic", "L2"): "0.5",
 }
 
-_EPS_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d*)?))?\s*$")
+# A decimal number, scientific notation included (1e-3); an optional sign on the numerator only so
+# that "-1" can be called negative rather than malformed.
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_EPS_RE = re.compile(rf"^\s*([-+]?)\s*({_NUMBER})(?:\s*/\s*({_NUMBER}))?\s*$")
 
 
 def parse_norm(norm: str) -> str:
@@ -46,27 +49,49 @@ def parse_norm(norm: str) -> str:
 
 
 def parse_eps(eps: str | float | int) -> float:
-    """Parse ``"8/255"``, ``"0.5"`` or a number into a non-negative finite float."""
+    """Parse ``"8/255"``, ``"0.5"``, ``"1e-3"`` or a number into a non-negative finite float.
+
+    The error says what is wrong (malformed, negative, not finite, too large), because "malformed"
+    for a well-formed ``-1`` sends the user looking for a typo that is not there.
+    """
     if isinstance(eps, bool):
-        raise ConfigError(f"malformed eps {eps!r}")
+        raise ConfigError(f"malformed eps {eps!r}; write a number like 0.5 or a fraction like 8/255")
     if isinstance(eps, (int, float)):
         value = float(eps)
     else:
         m = _EPS_RE.match(str(eps))
+        if not m and str(eps).strip().lstrip("+-").lower() in ("nan", "inf", "infinity"):
+            raise ConfigError(f"eps must be a finite number, got {eps!r}")
         if not m:
             raise ConfigError(
-                f"malformed eps {eps!r}; write a number like 0.5 or a fraction like 8/255"
+                f"malformed eps {eps!r}; write a number like 0.5 or 1e-3, or a fraction like 8/255"
             )
-        num = Fraction(m.group(1))
-        if m.group(2) is not None:
-            den = Fraction(m.group(2))
+        num = Fraction(m.group(2))
+        if m.group(3) is not None:
+            den = Fraction(m.group(3))
             if den == 0:
                 raise ConfigError(f"malformed eps {eps!r}: division by zero")
             num /= den
-        value = float(num)
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"eps must be a finite number >= 0, got {eps!r}")
+        if m.group(1) == "-" and num != 0:
+            raise ConfigError(f"eps {eps!r} is negative; a budget is a distance, >= 0")
+        try:
+            value = float(num)
+        except OverflowError:
+            raise ConfigError(f"eps {eps!r} is too large: it exceeds any input range") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"eps must be a finite number, got {eps!r}")
+    if value < 0:
+        raise ConfigError(f"eps {eps!r} is negative; a budget is a distance, >= 0")
     return value
+
+
+def check_eps_range(norm: str, eps: float, spelled: object = None) -> None:
+    """Refuse a Linf budget above 1: images lie in [0, 1], so eps 1 already allows every image and a
+    larger one (``1e9``) is a mistake (a missing ``/255``?), not a stronger threat model."""
+    if norm == "Linf" and eps > 1:
+        shown = spelled if spelled is not None else eps
+        raise ConfigError(f"Linf eps {shown!r} is larger than the input range: images lie in [0, 1], so "
+                          "eps 1 already allows every image (did you mean a fraction like 8/255?)")
 
 
 def format_eps(eps: float) -> str:
@@ -90,9 +115,14 @@ class ThreatModel:
         n = parse_norm(norm)
         if eps is None:
             if dataset is None or (dataset, n) not in DEFAULT_EPS:
-                raise ConfigError(f"no default eps for dataset {dataset!r} and norm {n}; pass --eps")
+                known = sorted({d for d, _ in DEFAULT_EPS})
+                hint = close_matches_hint(str(dataset), known) if dataset is not None else ""
+                raise ConfigError(f"no default eps for dataset {dataset!r} and norm {n}{hint} (defaults exist "
+                                  f"for {', '.join(known)}); give the budget (--eps)")
             eps = DEFAULT_EPS[(dataset, n)]
-        return cls(n, parse_eps(eps))
+        value = parse_eps(eps)
+        check_eps_range(n, value, eps)
+        return cls(n, value)
 
     def __str__(self) -> str:
         return f"{self.norm} eps={format_eps(self.eps)}"

@@ -24,9 +24,12 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack, perturbation_norms
-from robustkit.core.errors import BudgetViolationError, ConfigError, InputRangeError
+from robustkit.core.errors import BudgetViolationError
+from robustkit.core.modes import module_modes, restore_modes
 from robustkit.core.provenance import provenance, resolve_device
 from robustkit.eval.counting import PassCounter
+from robustkit.eval.inputs import CheckedInputs, check_inputs, check_labels_fit
+from robustkit.eval.record_check import RecordCheck
 from robustkit.eval.records import RecordStore
 from robustkit.eval.results import EvalResult, StageResult, subject_fields
 from robustkit.eval.subject import Subject, tensor_fingerprint
@@ -62,14 +65,16 @@ def evaluate(
             result; default: the model's class name and a fingerprint of ``(x, y)``.
         attack_name: the attack as the result names it (default: the attack's own name).
         x, y: float images in [0, 1] (N, C, H, W) and int labels (N,), kept on CPU; batches
-            move to ``device``.
+            move to ``device``. Other float and integer dtypes are converted (recorded in
+            ``checks.input_conversions``), anything ambiguous refused: :mod:`robustkit.eval.inputs`.
         records_path: JSONL file of per-example records; with ``resume`` a run that was killed
             continues where it stopped and produces the same final numbers.
         seed: the only source of randomness; the caller's global RNG state is left untouched.
     """
     started = time.time()
-    _validate_inputs(x, y, batch_size)
     dev = resolve_device(device)
+    inputs = _validate_inputs(model, x, y, batch_size, subject, dev)
+    x, y = inputs.x, inputs.y
     n = int(x.shape[0])
     subject = subject or Subject()
     protocol = {  # what a records file must match to be resumed
@@ -86,9 +91,10 @@ def evaluate(
     store = RecordStore(records_path, protocol, resume=resume)
     counter = PassCounter(model)
     stage_names = ["clean", *(attack.stages() if attack else [])]
-    budget = {"norm": attack.norm, "eps": attack.eps, "tolerance": BUDGET_TOLERANCE,
-              "max_linf": 0.0, "max_l2": 0.0, "checked": 0} if attack else None
-    checks: dict[str, Any] = {}
+    # What a resumed batch must agree with before it is trusted (records.py, record_check.py).
+    trust = RecordCheck(y.tolist(), attack.norm if attack else None, attack.eps if attack else None,
+                        BUDGET_TOLERANCE)
+    checks: dict[str, Any] = {"input_conversions": inputs.conversions} if inputs.conversions else {}
     run_warnings: list[str] = []
 
     try:
@@ -98,19 +104,23 @@ def evaluate(
             for msg in checks.get("warnings", []):
                 run_warnings.append(msg)
                 warnings.warn(msg, stacklevel=2)
+            store.settle("clean", _batches(list(range(n)), batch_size), trust)
             _run_clean(counter, x, y, dev, batch_size, store, progress)
             if attack is not None:
                 attack.prepare(counter, dev, seed=int(seed))
                 for k, stage in enumerate(stage_names[1:], start=1):
                     survivors = _survivors(store, stage_names[:k], n)
+                    store.settle(stage, _batches(survivors, batch_size), trust)
                     _run_stage(attack, counter, stage, k, survivors, x, y, dev, batch_size, seed,
-                               store, budget, progress)
+                               store, progress)
     finally:  # the records file stays valid for a resume whatever happened
         store.close()
+    run_warnings.extend(store.warnings)
 
     stages = _stage_results(store, stage_names, n)
     clean = [bool(store.examples[("clean", i)]["correct"]) for i in range(n)]
     robust = _final_flags(store, stage_names, n) if attack else None
+    budget = _budget_from_records(store, stage_names[1:], attack) if attack else None
     if attack is not None and budget is not None:
         _gradient_masking_hints(attack, stages, checks, run_warnings)
     elapsed = time.time() - started
@@ -179,7 +189,7 @@ def _survivors(store: RecordStore, done: list[str], n: int) -> list[int]:
 
 def _run_stage(attack: Attack, model: PassCounter, stage: str, k: int, survivors: list[int],
                x: torch.Tensor, y: torch.Tensor, dev: torch.device, batch_size: int, seed: int,
-               store: RecordStore, budget: dict[str, Any] | None, progress: bool) -> None:
+               store: RecordStore, progress: bool) -> None:
     n_batches = -(-len(survivors) // batch_size)
     with _bar(n_batches, stage, progress) as bar:
         model.on_forward = _liveness(bar, model) if progress and n_batches else None
@@ -193,7 +203,7 @@ def _run_stage(attack: Attack, model: PassCounter, stage: str, k: int, survivors
                 idx_t = torch.tensor(idx, dtype=torch.long)
                 xb, yb = x[idx_t].to(dev), y[idx_t].to(dev)
                 x_adv = attack.perturb(model, xb, yb, stage=stage, seed=_batch_seed(seed, stage, b)).detach()
-                linf, l2 = _check_budget(x_adv, xb, attack, stage, idx, budget)
+                linf, l2 = _check_budget(x_adv, xb, attack, stage, idx)
                 with torch.no_grad():
                     pred = model(x_adv).max(dim=1)[1]
                 recs = [{"i": i, "pred": int(pred[j]), "robust": bool(pred[j] == yb[j]),
@@ -220,7 +230,7 @@ def _liveness(bar: Any, model: PassCounter, every: float = 0.5) -> Callable[[], 
 
 
 def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, attack: Attack, stage: str,
-                  idx: list[int], budget: dict[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Fail loudly on any example outside the eps-ball (+1e-5) or outside [0, 1]."""
     if x_adv.shape != x.shape:
         raise BudgetViolationError(f"{stage} returned shape {tuple(x_adv.shape)} for inputs {tuple(x.shape)}")
@@ -238,11 +248,22 @@ def _check_budget(x_adv: torch.Tensor, x: torch.Tensor, attack: Attack, stage: s
     lo, hi = float(x_adv.min()), float(x_adv.max())
     if lo < 0.0 or hi > 1.0:
         raise BudgetViolationError(f"{stage} produced pixel values outside [0, 1] (min {lo:.6g}, max {hi:.6g})")
-    if budget is not None:
-        budget["max_linf"] = max(budget["max_linf"], float(linf.max()) if len(linf) else 0.0)
-        budget["max_l2"] = max(budget["max_l2"], float(l2.max()) if len(l2) else 0.0)
-        budget["checked"] += int(x.shape[0])
     return linf, l2
+
+
+def _budget_from_records(store: RecordStore, attack_stages: list[str], attack: Attack) -> dict[str, Any]:
+    """The result's budget section, from the records of every attacked example: a function of the
+    records, so a resumed or re-run evaluation reports what all its batches checked, not what this
+    process happened to compute (every record's norm was re-checked against eps when it was loaded)."""
+    recs = [r for (s, _), r in store.examples.items() if s in attack_stages]
+    return {"norm": attack.norm, "eps": attack.eps, "tolerance": BUDGET_TOLERANCE,
+            "max_linf": max((float(r["linf"]) for r in recs), default=0.0),
+            "max_l2": max((float(r["l2"]) for r in recs), default=0.0), "checked": len(recs)}
+
+
+def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    """``indices`` cut into the run's batches, in order (what each committed batch must hold)."""
+    return [indices[lo:lo + batch_size] for lo in range(0, len(indices), batch_size)]
 
 
 def _batch_seed(seed: int, stage: str, batch: int) -> int:
@@ -292,21 +313,18 @@ def _gradient_masking_hints(attack: Attack, stages: list[StageResult], checks: d
 # --------------------------------------------------------------------------- context
 
 
-def _validate_inputs(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise InputRangeError("inputs must be a float tensor of shape (N, C, H, W) with values in [0, 1]")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
-        raise ConfigError(f"labels must be a 1-D tensor with one label per input ({x.shape[0]})")
-    if x.shape[0] == 0:
-        raise ConfigError("no examples to evaluate")
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0 or not torch.isfinite(x).all():
-        raise InputRangeError(
-            f"inputs must lie in [0, 1] (found min {lo:.4g}, max {hi:.4g}); robustkit models "
-            "normalise internally, so pass unnormalised images"
-        )
+def _validate_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                     subject: Subject | None, dev: torch.device) -> CheckedInputs:
+    """Inputs checked and unambiguously converted (:mod:`robustkit.eval.inputs`), and the labels
+    checked against the model's class count, all before a records file or a batch is touched.
+
+    The class count comes from one extra forward of one input, in eval mode with private RNG state,
+    so it changes nothing the run computes afterwards (a randomized model included)."""
+    inputs = check_inputs(x, y, batch_size, model=model,
+                          input_shape=subject.model_info.get("input_shape") if subject else None)
+    with _evaluation_mode(model, dev), _isolated_rng(dev), torch.no_grad():
+        check_labels_fit(inputs.y, model(inputs.x[:1].to(dev)))
+    return inputs
 
 
 @contextmanager
@@ -316,7 +334,7 @@ def _evaluation_mode(model: nn.Module, dev: torch.device) -> Iterator[None]:
     Freezing parameters means FAB's ``.backward()`` cannot leave gradients in the model (a known
     AutoAttack side effect) and no weight gradients are computed at all.
     """
-    was_training = model.training
+    modes = module_modes(model)  # each submodule's own: a frozen BatchNorm stays frozen
     flags = [(p, p.requires_grad) for p in model.parameters()]
     grads = [(p, p.grad) for p in model.parameters()]
     model.to(dev).eval()
@@ -329,7 +347,7 @@ def _evaluation_mode(model: nn.Module, dev: torch.device) -> Iterator[None]:
             p.requires_grad_(rg)
         for p, g in grads:
             p.grad = g
-        model.train(was_training)
+        restore_modes(modes)
 
 
 @contextmanager

@@ -57,6 +57,7 @@ from robustkit.eval.results import (
 from robustkit.eval.subject import Subject
 
 MASKING_SCHEMA = "robustkit.masking"
+MARKDOWN_HEAD = "## Gradient-masking checks"  # the Markdown section's first line (how a re-run knows its file)
 MASKING_SCHEMA_VERSION = 1
 CLEAN_VERDICT = "no sign of gradient masking"
 
@@ -119,7 +120,8 @@ def masking_report(
             attack run goes through it; the report records the subject like a result).
     """
     started = time.time()
-    _validate_inputs(x, y, batch_size)
+    inputs = _validate_inputs(model, x, y, batch_size, subject, resolve_device(device))
+    x, y = inputs.x, inputs.y  # unambiguous conversions (float64 images, int32 labels) done once, here
     threat = ThreatModel.create(parse_norm(norm), eps)
     _check_settings(threat, square_queries, zero_grad_threshold, large_eps_max_accuracy,
                     autoattack_given=autoattack_result is not None, run_autoattack=run_autoattack)
@@ -575,7 +577,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     c = report["checks"]
     zero, sweep, gap, model = c["zero_gradient"], c["eps_sweep"], c["square_gap"], c["model"]
     lines = [
-        "## Gradient-masking checks",
+        MARKDOWN_HEAD,
         "",
         f"**Verdict: {report['verdict']}.**" if report["flagged"] else f"**Verdict: {report['verdict']}** "
         "(a necessary check, not a proof of robustness: only an adaptive attack can show that).",

@@ -6,6 +6,12 @@ batch its per-example lines followed by one ``commit`` line, all written with a 
 resume that tail is cut off, so each example is recorded exactly once per stage and a resumed
 run replays exactly the batches that were not finished. (AutoAttack's own resume file never
 loads and only saves every 60 s; see toolkits.md §2.3.)
+
+The file fails closed: every commit carries its batch's record count and a chained sha256, and
+a resume trusts a batch only after :mod:`robustkit.eval.record_check` has verified it against
+its checksum, the data's labels, the threat model and the batches of the earlier stages. A
+batch that fails is reported with its line and recomputed (a new version of it is appended; the
+last valid version of a batch wins); the good batches around it are kept.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from robustkit.core.errors import ConfigError
+from robustkit.eval import lock
+from robustkit.eval.record_check import Batch, RecordCheck, batch_checksum, scan
 
-RECORDS_VERSION = 1
+RECORDS_VERSION = 2  # 2: per-commit count and chained sha256 (record_check.py); 1 still resumes
 
 
 def protocol_hash(protocol: dict[str, Any]) -> str:
@@ -37,59 +47,103 @@ class RecordStore:
         self.examples: dict[tuple[str, int], dict[str, Any]] = {}
         self.commits: dict[tuple[str, int], dict[str, Any]] = {}
         self.resumed_batches = 0
+        self.warnings: list[str] = []  # what a resume found untrustworthy (each also warned once)
+        self._candidates: dict[tuple[str, int], list[Batch]] = {}  # loaded; settle() adopts them
+        self._last_sha = self.hash  # ``prev`` of the next commit written
         self._fd: int | None = None
+        self._lock: str | None = None  # the key of this store's hold on the file's lock
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume and self.path.exists() and self.path.stat().st_size > 0:
-            self._load()
-        else:
-            header = {"type": "header", "version": RECORDS_VERSION, "protocol_hash": self.hash,
-                      "protocol": protocol}
-            self.path.write_text(json.dumps(header, sort_keys=True) + "\n")
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._lock = lock.acquire(self.path)  # one writer per file; a second run refuses
+        try:
+            if resume and self.path.exists() and self.path.stat().st_size > 0:
+                self._load()
+            else:
+                header = {"type": "header", "version": RECORDS_VERSION, "protocol_hash": self.hash,
+                          "protocol": protocol}
+                lock.create_exclusive(self.path, (json.dumps(header, sort_keys=True) + "\n").encode())
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            self._release_lock()
+            raise
 
     def _load(self) -> None:
+        """Check the header (refusing another evaluation's file), cut the uncommitted tail, and keep
+        every batch found for :meth:`settle` to check; nothing is trusted yet."""
         assert self.path is not None
         raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
+        version = self._check_header(raw)
+        found = scan(raw, str(self.path), self.hash, version)
+        if found.keep_bytes < len(raw):  # drop an uncommitted tail left by a killed run
+            with open(self.path, "r+b") as f:
+                f.truncate(found.keep_bytes)
+        for b in found.batches:
+            self._candidates.setdefault((b.stage, b.batch), []).append(b)
+        self._last_sha = found.last_sha
+        for msg in found.problems:
+            self._warn(msg)
+        if found.unverified:
+            self._warn(f"{self.path}: {found.unverified} batch(es) in records format 1 carry no checksum: they "
+                       "are checked against the data, the threat model and each other, but an edit that keeps "
+                       "them consistent cannot be detected")
+
+    def _check_header(self, raw: bytes) -> int:
+        """The records format version of ``raw``, whose header must record this evaluation."""
+        first, newline, _ = raw.partition(b"\n")
         try:
-            header = json.loads(lines[0])
-        except (json.JSONDecodeError, IndexError):
+            header = json.loads(first) if newline else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            header = None
+        if not isinstance(header, dict) or header.get("type") != "header":
             raise ConfigError(
-                f"{self.path} is not a robustkit records file; choose another --out or pass --no-resume"
-            ) from None
-        if header.get("type") != "header" or header.get("protocol_hash") != self.hash:
-            old = header.get("protocol", {}) if isinstance(header, dict) else {}
+                f"{self.path}:1: not a robustkit records header; choose another --out or pass --no-resume"
+            )
+        version = header.get("version")
+        if version not in (1, RECORDS_VERSION) or isinstance(version, bool):
+            raise ConfigError(f"{self.path}:1: records format {version!r} is not one this robustkit reads "
+                              f"(1 to {RECORDS_VERSION}); use another --out, or --no-resume to start over")
+        if header.get("protocol_hash") != self.hash:
+            old = header.get("protocol") if isinstance(header.get("protocol"), dict) else {}
             diff = sorted(k for k in set(old) | set(self.protocol) if old.get(k) != self.protocol.get(k))
             raise ConfigError(
                 f"{self.path} records a different evaluation (differs in: {', '.join(diff) or 'format'}); "
                 "use another --out, or --no-resume to start over"
             )
-        good_end = len(lines[0]) + 1
-        pending: list[dict[str, Any]] = []
-        offset = good_end
-        for line in lines[1:]:
-            end = offset + len(line) + 1
-            if end > len(raw) or not line:
-                break  # unterminated tail (killed mid-write) or the final empty split
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if rec.get("type") == "commit":
-                for ex in pending:
-                    self.examples[(ex["stage"], ex["i"])] = ex
-                self.commits[(rec["stage"], rec["batch"])] = rec
-                pending = []
-                good_end = end
-            else:
-                pending.append(rec)
-            offset = end
-        if good_end < len(raw):  # drop an uncommitted tail left by a killed run
-            with open(self.path, "r+b") as f:
-                f.truncate(good_end)
-        self.resumed_batches = len(self.commits)
+        return int(version)
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        warnings.warn(msg, stacklevel=4)
+
+    def settle(self, stage: str, batches: Sequence[Sequence[int]], check: RecordCheck) -> None:
+        """Adopt, for each batch of ``stage``, the last loaded copy that passes ``check`` and holds
+        exactly ``batches[b]``; report the copies that fail (their batch is then recomputed).
+
+        Called once per stage right before it runs: which examples a batch must hold depends on
+        the results of the earlier stages, so a recomputed earlier batch that changed them also
+        invalidates what was attacked on the old survivors. A failing copy earlier in the file than
+        the adopted one was reported when it was replaced and is passed over quietly.
+        """
+        for key in sorted(k for k in self._candidates if k[0] == stage):
+            b = key[1]
+            expected = batches[b] if b < len(batches) else None
+            rejected: list[tuple[int, str]] = []
+            adopted: Batch | None = None
+            for cand in reversed(self._candidates.pop(key)):
+                bad = check.batch_problem(cand, expected, clean=stage == "clean")
+                if bad is None:
+                    adopted = cand
+                    break
+                rejected.append(bad)
+            if adopted is not None:
+                for _, r in adopted.records:
+                    self.examples[(stage, r["i"])] = r
+                self.commits[key] = adopted.commit
+                self.resumed_batches += 1
+            then = f"the valid copy at line {adopted.line} is used" if adopted else "the batch is recomputed"
+            for line, why in reversed(rejected):
+                self._warn(f"{self.path}:{line}: {why}; not trusted, {then}")
 
     def is_committed(self, stage: str, batch: int) -> bool:
         return (stage, batch) in self.commits
@@ -97,9 +151,11 @@ class RecordStore:
     def write_batch(self, stage: str, batch: int, records: list[dict[str, Any]], stats: dict[str, Any]) -> None:
         """Record one finished batch atomically (examples first, then the commit line)."""
         for r in records:
-            r["stage"] = stage
+            r["stage"], r["batch"] = stage, batch
             self.examples[(stage, r["i"])] = r
-        commit = {"type": "commit", "stage": stage, "batch": batch, "n": len(records), **stats}
+        commit = {"type": "commit", "stage": stage, "batch": batch, "n": len(records), **stats,
+                  "prev": self._last_sha}
+        commit["sha256"] = self._last_sha = batch_checksum(records, commit)
         self.commits[(stage, batch)] = commit
         if self._fd is None:
             return
@@ -117,3 +173,9 @@ class RecordStore:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            lock.release(self._lock)
+            self._lock = None

@@ -170,17 +170,28 @@ def read_versioned_json(path: str | Path, schema: str, version: int, kind: str) 
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """JSON to a temp file in the same folder, then rename: readers see the old file or the new one."""
+    """JSON to a temp file in the same folder, then rename: readers see the old file or the new one.
+
+    Whatever fails (a folder in the way, a full disk, an object JSON cannot hold) leaves no temp
+    file behind; a file system error is one line (ConfigError), not a traceback after the work.
+    """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result is for sharing, like any new file
-    os.replace(tmp, p)
+    tmp: str | None = None
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a result is for sharing, like any new file
+        os.replace(tmp, p)
+    except OSError as e:
+        raise ConfigError(f"cannot write {p}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None and os.path.lexists(tmp):
+            os.unlink(tmp)
     return p
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import format_eps, parse_eps
@@ -47,6 +48,8 @@ _STRING_FIELDS = ("link", "name", "authors", "venue", "architecture")
 _PERCENT = re.compile(r"^[0-9]{1,3}(\.[0-9]+)?$")
 _HTML = re.compile(r"<\s*/?\s*[a-zA-Z][^>]*>")
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+#: Characters RFC 3986 never allows in a URL (they must be percent-encoded): markup, quotes, table pipes.
+_NOT_IN_URL = frozenset('"<>\\^`{|}')
 
 
 @dataclass(frozen=True)
@@ -254,9 +257,10 @@ def validate_data(data: dict[str, Any], dataset: str | None, threat: str | None,
                  "write plain text")
     if "footnote" in data and data["footnote"] is not None and not isinstance(data["footnote"], str):
         err("footnote", f"must be a string or null, got {_describe(data['footnote'])}")
-    if "link" in data and isinstance(data["link"], str) and data["link"] and not re.match(
-            r"^https?://", data["link"]):
-        warn("link", f"{data['link']!r} is not an http(s) URL", "link the paper, e.g. https://arxiv.org/abs/...")
+    if isinstance(data.get("link"), str) and not is_http_url(data["link"]):
+        err("link", f"{data['link']!r} is not an http(s) URL; the leaderboard links only http(s) pages "
+            "(a javascript: or data: link would run in the reader's browser)",
+            "link the paper, e.g. https://arxiv.org/abs/...")
 
     if "additional_data" in data and not isinstance(data["additional_data"], bool):
         v = data["additional_data"]
@@ -424,6 +428,19 @@ def _check_extension(ext: Any, dataset: str | None, err: Any, warn: Any) -> None
     if isinstance(n, int) and expected_full is not None and n < expected_full and not ext.get("subset"):
         err(f"{k}.subset", f"evaluated on {n} of {expected_full} test images but not marked as a subset",
             'add "subset": true (robustkit leaderboard add --allow-subset does this)')
+
+
+def is_http_url(link: object) -> bool:
+    """An absolute http(s) URL with a host, without whitespace, control characters or characters a URL
+    never holds unencoded (quotes, ``<>``, ``|``): the only links the rendered pages follow, so a hostile
+    entry cannot smuggle ``javascript:`` or markup into a page through its link."""
+    if not isinstance(link, str) or any(c.isspace() or not c.isprintable() or c in _NOT_IN_URL for c in link):
+        return False
+    try:
+        parts = urlsplit(link)
+    except ValueError:  # e.g. an unbalanced IPv6 bracket
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.netloc)
 
 
 def is_percent(text: str) -> bool:

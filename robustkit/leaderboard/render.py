@@ -12,7 +12,7 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
-from robustkit.leaderboard.entries import FULL_TEST_SET, LP_EPS, Entry
+from robustkit.leaderboard.entries import FULL_TEST_SET, LP_EPS, Entry, is_http_url
 
 DATASET_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "imagenet": "ImageNet"}
 THREAT_TITLES = {"Linf": "L∞", "L2": "L2", "corruptions": "common corruptions", "corruptions_3d": "3D corruptions"}
@@ -71,6 +71,8 @@ def subset_note(e: Entry) -> str | None:
 
 
 def render_markdown(boards: dict[tuple[str, str], list[Entry]], *, sources: list[str]) -> str:
+    """Every text cell goes through :func:`md_text` and links through :func:`md_link`: an entry's
+    fields are data, so nothing in them may become markup, a link or a new table column."""
     lines = [
         "# robustkit leaderboard",
         "",
@@ -79,7 +81,7 @@ def render_markdown(boards: dict[tuple[str, str], list[Entry]], *, sources: list
         "RobustBench-format entries (`entries/<dataset>/<threat_model>/<ModelId>.json`), ranked by "
         "RobustBench's rule: best known robust accuracy (`external` when present, else AutoAttack), "
         "descending; ties by model id. Accuracies in percent. HTML page: [`index.html`](index.html). "
-        f"Sources: {', '.join(f'`{s}`' for s in sources)}.",
+        f"Sources: {', '.join(md_code(s) for s in sources)}.",
         "",
         "Add an entry from a result JSON with `robustkit leaderboard add RESULT.json ...`, then run "
         "`robustkit leaderboard build`; CI runs `robustkit leaderboard build --check`.",
@@ -88,13 +90,14 @@ def render_markdown(boards: dict[tuple[str, str], list[Entry]], *, sources: list
         lines += ["", "No entries yet."]
     for board, entries in boards.items():
         cols = columns(board)
-        lines += ["", f"## {board_title(board)}", "", f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}.", "",
+        lines += ["", f"## {md_text(board_title(board))}", "",
+                  f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}.", "",
                   "| " + " | ".join(cols) + " |",
                   "|" + "|".join(_md_align(c) for c in cols) + "|"]
         for r, e in enumerate(entries, start=1):
-            cells = row_values(e, r)
+            cells = [md_text(c) for c in row_values(e, r)]
             cells[1] = _md_method(e)
-            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,25 +109,42 @@ def _md_align(col: str) -> str:
 
 def _md_method(e: Entry) -> str:
     d = e.data
-    title = plain_text(str(d.get("name") or e.model_id))
+    title = md_text(plain_text(str(d.get("name") or e.model_id)))
     link = d.get("link")
-    method = f"[{_md_escape(title)}]({link})" if isinstance(link, str) and link else _md_escape(title)
-    method += f" `{e.model_id}`"
+    method = f"[{title}]({md_link(link)})" if is_http_url(link) else title
+    method += f" {md_code(e.model_id)}"
     note = subset_note(e)
     if note:
-        method += f" **⚠ {note}**"
+        method += f" **⚠ {md_text(note)}**"
     foot = plain_text(str(d.get("footnote") or ""))
     if foot:
-        method += f" — {_md_escape(foot)}"
+        method += f" — {md_text(foot)}"
     return method
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+_MD_SYNTAX = re.compile(r"([\\`*_\[\]~|])")
 
 
-def _md_escape(text: str) -> str:
-    return re.sub(r"([\[\]*_`])", r"\\\1", text)
+def md_text(text: str) -> str:
+    """Text shown as itself in a GitHub-Markdown table cell: HTML-significant characters as entities
+    (the HTML page escapes the same ones), emphasis/link/code syntax and ``|`` backslash-escaped, and
+    line breaks as spaces (a newline would end the table row)."""
+    text = html.escape(re.sub(r"\s+", " ", text), quote=False)
+    return _MD_SYNTAX.sub(r"\\\1", text)
+
+
+def md_code(text: str) -> str:
+    """A code span, unless the text could close the span or split the table (then escaped text)."""
+    if text and not re.search(r"[`|\s]", text):
+        return f"`{text}`"
+    return md_text(text)
+
+
+def md_link(url: str) -> str:
+    """A link destination for a URL that passed :func:`is_http_url` (no spaces, quotes, ``<>`` or ``|``):
+    parentheses percent-encoded so the destination cannot end early, ``&`` written as ``&amp;`` so an
+    entity in the URL is not decoded into markup."""
+    return url.replace("&", "&amp;").replace("(", "%28").replace(")", "%29")
 
 
 # --------------------------------------------------------------------------- HTML
@@ -180,8 +200,7 @@ def _html_method(e: Entry, ours: bool) -> str:
     d = e.data
     title = html.escape(plain_text(str(d.get("name") or e.model_id)))
     link = d.get("link")
-    out = (f'<a href="{html.escape(link)}">{title}</a>' if isinstance(link, str) and link.startswith(("http://", "https://"))
-           else title)
+    out = f'<a href="{html.escape(link)}">{title}</a>' if is_http_url(link) else title
     out += f' <span class="id">{html.escape(e.model_id)}</span>'
     if ours:
         out += ' <span class="badge">robustkit</span>'

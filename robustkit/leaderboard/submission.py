@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,8 +179,15 @@ def naming_hint(model_id: str) -> str | None:
             "[_variant] convention (e.g. Carmon2019Unlabeled); maintainers will ask you to rename it")
 
 
-def write_entry(data: dict[str, Any], root: str | Path, model_id: str, *, force: bool = False) -> Path:
+def write_entry(data: dict[str, Any], root: str | Path, model_id: str, *, force: bool = False,
+                inputs: Sequence[tuple[Path, str]] = ()) -> Path:
+    """Write the entry file; never over one of ``inputs`` (the result it was made from), and an
+    existing entry only with ``force``."""
+    from robustkit.eval.outputs import check_not_input, check_place
+
     path = entry_path(root, data["dataset"], _threat(data), model_id)
+    check_place(path, "--entries")
+    check_not_input(path, inputs, "--name")
     if path.exists() and not force:
         raise ConfigError(f"{path} exists; pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -290,17 +298,21 @@ def rb_entry_json(entry: Entry) -> str:
     return entry_json(core)
 
 
-def write_submission(entry: Entry, out_dir: str | Path, opts: SubmissionOptions) -> list[Path]:
-    """Write the issue text, RobustBench's ``model_info`` file and a README of the pull request."""
+def submission_paths(entry: Entry, out_dir: str | Path) -> tuple[Path, Path, Path]:
+    """The bundle's files: issue text, RobustBench's ``model_info`` file, README of the pull request."""
     out = Path(out_dir)
     ds, tm = entry.board
-    info_path = out / "model_info" / ds / tm / f"{entry.model_id}.json"
+    return out / "issue.md", out / "model_info" / ds / tm / f"{entry.model_id}.json", out / "README.md"
+
+
+def write_submission(entry: Entry, out_dir: str | Path, opts: SubmissionOptions) -> list[Path]:
+    """Write the issue text, RobustBench's ``model_info`` file and a README of the pull request."""
+    ds, tm = entry.board
+    issue, info_path, readme = submission_paths(entry, out_dir)
     info_path.parent.mkdir(parents=True, exist_ok=True)
     info_path.write_text(rb_entry_json(entry), encoding="utf-8")
-    issue = out / "issue.md"
     issue.write_text(issue_text(entry, opts), encoding="utf-8")
     ext = entry.data.get(EXTENSION_KEY) if isinstance(entry.data.get(EXTENSION_KEY), dict) else {}
-    readme = out / "README.md"
     readme.write_text("\n".join([
         f"# RobustBench submission: {entry.model_id}",
         "",

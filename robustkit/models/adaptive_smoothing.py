@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustkit.core.errors import CheckpointError, ConfigError
+from robustkit.core.modes import kept_modes
 from robustkit.models.base import Weights, load_model, register_model
 
 DEFAULT_STD = "airbench94.cifar10_partial_tta0"
@@ -156,16 +157,13 @@ def auto_taps(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
         handles.append(mod.register_forward_hook(
             lambda _m, _i, out, name=name: order.append((name, tuple(out.shape)))
             if isinstance(out, torch.Tensor) and out.dim() == 4 else None))
-    was_training = model.training
     try:
-        model.eval()
         p = next(iter(model.parameters()), None)
-        with torch.no_grad():
+        with kept_modes(model, False), torch.no_grad():
             model(torch.zeros(1, c, h, w, device=p.device if p is not None else "cpu"))
     finally:
         for hd in handles:
             hd.remove()
-        model.train(was_training)
     # The two largest resolutions at or below half the input's (16 and 8 for a 32-px SmallCNN; 15 and
     # 7 for airbench, whose unpadded whitening conv makes 31 px): ends of stage 1 and stage 2.
     sizes = sorted({s[2:] for _, s in order if s[2] <= h // 2 and s[3] <= w // 2}, reverse=True)

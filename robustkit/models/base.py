@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustkit.core.checkpoint import function_pin, load_checkpoint
-from robustkit.core.errors import CheckpointError, UnknownNameError
+from robustkit.core.checkpoint import checkpoint_paths, function_pin, load_checkpoint
+from robustkit.core.errors import CheckpointError, UnknownNameError, close_matches_hint
 from robustkit.core.plugins import load_plugins
 from robustkit.core.registry import Registry
+from robustkit.models import _fit
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -196,15 +197,17 @@ def load_checkpoint_model(
     verification (a registry tag's ``Weights.arch_args``)."""
     state, meta = load_checkpoint(path, expected_pin)  # verified first: an edited architecture is named
     arch = meta["architecture"]
-    if arch not in MODELS:
-        raise CheckpointError(f"checkpoint {path} names unknown architecture {arch!r}")
+    if not isinstance(arch, str) or arch not in MODELS:
+        hint = close_matches_hint(arch, MODELS.names()) if isinstance(arch, str) else ""
+        raise CheckpointError(f"checkpoint {path} names unknown architecture {arch!r}{hint}")
     info = model_info(arch)
     pin = meta["function_sha256_verified"]
     if arch_args:
         meta["arch_args"] = {**meta.get("arch_args", {}), **arch_args}
         meta["arch_args_overridden"] = sorted(arch_args)
         pin = function_pin(meta, meta["sha256_verified"])
-    model = info.builder(**meta.get("arch_args", {}))
+    with _fit.loading(checkpoint_paths(path)[0], path):  # a composite that names itself is refused
+        model = _fit.build(info.builder, arch, meta.get("arch_args", {}), path)
     # A composite (adaptive_smoothing) builds its sub-models from their own verified checkpoints and
     # stores only the rest: every key outside those prefixes must still match exactly.
     external = tuple(getattr(model, "external_state_prefixes", ()))
@@ -217,8 +220,10 @@ def load_checkpoint_model(
         else:
             model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {first}") from None
+        expected = model.state_dict()
+        merged = {**{k: v for k, v in expected.items() if k.startswith(external)}, **state} if external else state
+        why = _fit.mismatch(expected, merged) or " ".join(str(e).split())
+        raise CheckpointError(f"checkpoint {path} does not fit {arch}: {why}") from None
     return LoadedModel(
         model,
         str(path),

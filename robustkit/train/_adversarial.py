@@ -38,6 +38,7 @@ from torch import nn
 
 from robustkit.core.checkpoint import Checkpoint, save_checkpoint
 from robustkit.core.errors import ConfigError, close_matches_hint
+from robustkit.core.modes import kept_modes, module_modes, restore_modes
 from robustkit.core.provenance import training_run
 from robustkit.core.threat import format_eps, parse_eps
 from robustkit.train._loop import RunningStats, crop_flip, decay_groups, epoch_batches, index_ranges, set_lr
@@ -279,12 +280,8 @@ def attack_mode(model: nn.Module, bn: str = "eval") -> Iterator[None]:
     """The model in the attack's BatchNorm mode (see :attr:`Method.attack_bn`); its mode is restored."""
     if bn not in ("eval", "train"):
         raise ConfigError(f"unknown attack_bn {bn!r}; choose eval or train")
-    was_training = model.training
-    model.train(bn == "train")
-    try:
+    with kept_modes(model, bn == "train"):  # every submodule's own mode back, a frozen BN included
         yield
-    finally:
-        model.train(was_training)
 
 
 def inner_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, objective: str = "ce", norm: str = "Linf",
@@ -422,7 +419,7 @@ def evaluate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: st
     fixed seed makes successive epochs' numbers comparable. This is a training log, not a
     robustness claim: claims come from ``robustkit eval`` (AutoAttack).
     """
-    was_training = model.training
+    modes = module_modes(model)
     model.eval()
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(seed)
@@ -435,7 +432,7 @@ def evaluate_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: st
             ok = model(xb).argmax(1) == yb
             clean += int(ok.sum())
             robust += int((ok & (model(x_adv).argmax(1) == yb)).sum())
-    model.train(was_training)
+    restore_modes(modes)
     n = max(len(x), 1)
     return {"clean_acc": clean / n, "pgd_acc": robust / n}
 

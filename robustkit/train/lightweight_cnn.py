@@ -34,6 +34,7 @@ from torch import nn
 
 from robustkit.core.checkpoint import Checkpoint
 from robustkit.core.errors import ConfigError
+from robustkit.core.modes import kept_modes
 from robustkit.core.provenance import training_run
 from robustkit.models.lightweight_cnn import DualInputOutput, LightweightCNN, UnifiedModel, n_params
 from robustkit.train._loop import RunningStats, decay_groups, epoch_batches, set_lr
@@ -233,12 +234,9 @@ def fit(
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Logits in eval mode (the previous mode is restored), on the CPU."""
-    was_training = model.training
-    model.eval()
-    dev = next(model.parameters()).device
-    out = torch.cat([model(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
-    model.train(was_training)
-    return out
+    with kept_modes(model, False):
+        dev = next(model.parameters()).device
+        return torch.cat([model(x[i : i + batch_size].to(dev)).cpu() for i in range(0, len(x), batch_size)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

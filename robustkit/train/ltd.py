@@ -35,6 +35,7 @@ from torch import nn
 
 from robustkit.core.checkpoint import Checkpoint
 from robustkit.core.errors import ConfigError
+from robustkit.core.modes import kept_modes
 from robustkit.train._adversarial import (
     SMOKE,
     AdversarialConfig,
@@ -95,12 +96,8 @@ def soft_labels(teacher: nn.Module, x: torch.Tensor, tau_t: float) -> torch.Tens
     round small probabilities away unevenly.
     """
     tau_t = _check_tau("tau_t", tau_t)
-    was_training = teacher.training
-    teacher.eval()
-    try:
+    with kept_modes(teacher, False):
         logits = teacher(x).float()
-    finally:
-        teacher.train(was_training)
     return F.softmax(logits / tau_t, dim=1)
 
 
