@@ -13,6 +13,7 @@ import builtins
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -361,8 +362,11 @@ def test_real_process_prints_no_traceback(tmp_path):
 
     (tmp_path / "sigint_plugin.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGINT)\n")
     env["ROBUSTKIT_PLUGINS"] = "sigint_plugin"
+    # A job started in the background by a non-interactive shell (as CI may start this suite) inherits an
+    # ignored SIGINT, and Python then keeps ignoring it: give the child the default disposition, as a terminal does.
     ctrl_c = subprocess.run([sys.executable, "-m", "robustkit", "list", "models"], capture_output=True, text=True,
-                            cwd=REPO, env=env, timeout=300)
+                            cwd=REPO, env=env, timeout=300,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert ctrl_c.returncode == 130, ctrl_c.stderr
     assert ctrl_c.stderr.startswith("robustkit: error: interrupted") and ctrl_c.stderr.count("\n") == 1, ctrl_c.stderr
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.records.jsonl").exists()
