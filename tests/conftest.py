@@ -77,3 +77,30 @@ def synthetic_test() -> tuple[torch.Tensor, torch.Tensor]:
     from robustkit.data import load_split
 
     return load_split("synthetic", "test").tensors()
+
+
+class MixedStandIn(torch.nn.Module):
+    """log((1 - a) softmax(g) + a softmax(h)), a = sigmoid(gamma(x)): the MixedClassifier contract
+    (``forward_with_gamma``) with a linear gamma, for attacks that need it, without a trained mixer."""
+
+    number_forward_passes = 2
+
+    def __init__(self, g: torch.nn.Module, h: torch.nn.Module, in_features: int, scale: float, seed: int) -> None:
+        super().__init__()
+        self.g, self.h = g, h
+        self.mix = torch.nn.Linear(in_features, 1)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            self.mix.weight.copy_(torch.randn(self.mix.weight.shape, generator=gen) * scale)
+            self.mix.bias.zero_()
+
+    def forward_with_gamma(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch.nn.functional as F
+
+        gamma = self.mix(x.flatten(1) - 0.5)[:, 0]
+        out = torch.logaddexp(F.logsigmoid(-gamma)[:, None] + F.log_softmax(self.g(x), 1),
+                              F.logsigmoid(gamma)[:, None] + F.log_softmax(self.h(x), 1))
+        return out, gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_gamma(x)[0]

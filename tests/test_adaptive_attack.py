@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MixedStandIn
 from torch import nn
 
 from robustkit.attacks import AdaptiveAutoAttack, AutoAttack, attack_from_config, create_attack
@@ -31,29 +32,12 @@ SMALL = {"apgd.n_iter": 5, "apgd.n_restarts": 1, "apgd_targeted.n_iter": 5,
 STAGES = ["apgd-ce", "apgd-dlr", "apgd-t"]
 
 
-class StandInMixed(nn.Module):
-    """log((1 - a) softmax(g) + a softmax(h)), a = sigmoid(gamma(x)): the MixedClassifier contract."""
-
-    number_forward_passes = 2
+class StandInMixed(MixedStandIn):
+    """Two seeded tiny_cnn models on SIDE x SIDE images, mixed by a seeded linear gamma."""
 
     def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.g = create_model("tiny_cnn.init", seed=seed)
-        self.h = create_model("tiny_cnn.init", seed=seed + 1)
-        self.mix = nn.Linear(3 * SIDE * SIDE, 1)
-        gen = torch.Generator().manual_seed(seed + 2)
-        with torch.no_grad():
-            self.mix.weight.copy_(torch.randn(self.mix.weight.shape, generator=gen) * 0.1)
-            self.mix.bias.zero_()
-
-    def forward_with_gamma(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gamma = self.mix(x.flatten(1) - 0.5)[:, 0]
-        out = torch.logaddexp(F.logsigmoid(-gamma)[:, None] + F.log_softmax(self.g(x), 1),
-                              F.logsigmoid(gamma)[:, None] + F.log_softmax(self.h(x), 1))
-        return out, gamma
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_gamma(x)[0]
+        super().__init__(create_model("tiny_cnn.init", seed=seed), create_model("tiny_cnn.init", seed=seed + 1),
+                         3 * SIDE * SIDE, 0.1, seed + 2)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import MixedStandIn
 from torch import nn
 
 from robustkit.attacks import ATTACKS, KINDS, attack_from_config, create_attack, list_attacks
@@ -114,29 +114,6 @@ def test_trainer_smoke_run_writes_a_checkpoint_that_evaluates(name: str, tmp_pat
 # --------------------------------------------------------------------------- attacks
 
 
-class _Mixed(nn.Module):
-    """Two tiny models mixed with weight sigmoid(gamma(x)): a model with ``forward_with_gamma`` for
-    attacks that refuse models without one (the adaptive-smoothing contract)."""
-
-    def __init__(self, g: nn.Module, h: nn.Module) -> None:
-        super().__init__()
-        self.g, self.h = g, h
-        self.mix = nn.Linear(3 * 32 * 32, 1)
-        with torch.no_grad():
-            self.mix.weight.copy_(torch.randn(self.mix.weight.shape, generator=torch.Generator().manual_seed(1)))
-            self.mix.weight.mul_(0.01)
-            self.mix.bias.zero_()
-
-    def forward_with_gamma(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gamma = self.mix(x.flatten(1) - 0.5)[:, 0]
-        logits = torch.logaddexp(F.logsigmoid(-gamma)[:, None] + F.log_softmax(self.g(x), 1),
-                                 F.logsigmoid(gamma)[:, None] + F.log_softmax(self.h(x), 1))
-        return logits, gamma
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_gamma(x)[0]
-
-
 def _model_for(attack: Any, tiny: nn.Module) -> nn.Module:
     """The tiny model, or the mixed one where the attack's own check refuses the tiny model."""
     try:
@@ -145,7 +122,7 @@ def _model_for(attack: Any, tiny: nn.Module) -> nn.Module:
     except ConfigError:
         from robustkit.models import create_model
 
-        return _Mixed(tiny, create_model("tiny_cnn.init", seed=1)).eval()
+        return MixedStandIn(tiny, create_model("tiny_cnn.init", seed=1), 3 * 32 * 32, 0.01, 1).eval()
 
 
 @pytest.mark.parametrize("case", ATTACK_CASES)
