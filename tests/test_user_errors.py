@@ -256,6 +256,14 @@ CASES = [
          ("unknown key 'nosuch'",)),
     Case("train-set-wrong-type", ("train", "fast_at", "--set", "epochs=abc", "--out", "{tmp}/run"),
          ("epochs", "expected an integer")),
+    Case("longtail-ratio-below-one", ("train", "score", "--set", "longtail=exp:0.5", "--out", "{tmp}/run"),
+         ("imbalance ratio", "must be >= 1")),
+    Case("longtail-unknown-profile", ("train", "score", "--set", "longtail=expo:10", "--out", "{tmp}/run"),
+         ("unknown profile 'expo'", "'exp'")),
+    Case("score-loss-typo", ("train", "score", "--set", "loss=fll", "--out", "{tmp}/run"),
+         ("unknown loss 'fll'", "'fl'")),
+    Case("longtail-empties-a-class", ("train", "score", "--set", "dataset=synthetic", "--set", "longtail=exp:1000",
+                                      "--out", "{tmp}/run"), ("leaves class 7", "no training image")),
 ]
 
 

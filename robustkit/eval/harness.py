@@ -29,6 +29,7 @@ from robustkit.core.modes import module_modes, restore_modes
 from robustkit.core.provenance import provenance, resolve_device
 from robustkit.eval.counting import PassCounter
 from robustkit.eval.inputs import CheckedInputs, check_inputs, check_labels_fit
+from robustkit.eval.per_class import result_per_class
 from robustkit.eval.record_check import RecordCheck
 from robustkit.eval.records import RecordStore
 from robustkit.eval.results import EvalResult, StageResult, subject_fields
@@ -123,6 +124,11 @@ def evaluate(
     budget = _budget_from_records(store, stage_names[1:], attack) if attack else None
     if attack is not None and budget is not None:
         _gradient_masking_hints(attack, stages, checks, run_warnings)
+    per_class, notes = result_per_class(y, clean, robust, int(checks["num_classes"]), subject.dataset,
+                                        subject.model_info.get("train_class_counts"))
+    for msg in notes:
+        run_warnings.append(msg)
+        warnings.warn(msg, stacklevel=2)
     elapsed = time.time() - started
     stage_seconds = sum(s.seconds for s in stages)
     return EvalResult(
@@ -148,6 +154,7 @@ def evaluate(
         checks=checks,
         records_path=str(records_path) if records_path else None,
         warnings=run_warnings,
+        per_class=per_class,
     )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import format_eps
+from robustkit.eval.per_class import summary_lines as _per_class_lines
 from robustkit.eval.subject import Subject
 
 RESULT_SCHEMA = "robustkit.eval-result"
@@ -67,6 +68,9 @@ class EvalResult:
     # architecture, parameter count and test-time forward passes per input: what a leaderboard
     # entry needs and the evaluation config cannot say (absent in results written before it existed)
     model_info: dict[str, Any] = field(default_factory=dict)
+    # clean/robust accuracy per class, balanced accuracy and many/medium/few-shot groups
+    # (robustkit.eval.per_class); None in results written before it existed
+    per_class: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -113,7 +117,7 @@ class EvalResult:
         if self.robust_accuracy is not None:
             tail += f"\nrobust accuracy {100 * self.robust_accuracy:6.2f}%"
         tail += f"   ({_fmt_seconds(self.timing['total_seconds'])} on {self.provenance.get('device')})"
-        return "\n".join([head, "", *lines, "", tail])
+        return "\n".join([head, "", *lines, "", tail, *_per_class_lines(self.per_class)])
 
 
 def subject_fields(subject: Subject, model: nn.Module, fingerprint: str,

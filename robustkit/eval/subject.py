@@ -37,6 +37,9 @@ class Subject:
                     data_info: dict[str, Any] | None = None) -> Subject:
         """A loaded model's provenance plus the data it is evaluated on."""
         info = {k: loaded.metadata[k] for k in ("architecture", "arch_args") if k in loaded.metadata}
+        counts = train_class_counts(loaded.metadata)
+        if counts is not None:  # per-class results group classes by it (robustkit.eval.per_class)
+            info["train_class_counts"] = counts
         return cls(model=loaded.name, checkpoint_sha256=loaded.checkpoint_sha256, model_info=info,
                    dataset=dataset, data_info=dict(data_info or {}))
 
@@ -56,6 +59,17 @@ class Subject:
     def fingerprint(self, x: torch.Tensor, y: torch.Tensor) -> str:
         """The data's recorded fingerprint, else a hash of the tensors themselves."""
         return self.data_info.get("fingerprint") or tensor_fingerprint(x, y)
+
+
+def train_class_counts(metadata: dict[str, Any]) -> list[int] | None:
+    """A checkpoint's ``training.data.class_counts`` (training images per class) when it is a list
+    of ints; anything else is not a class count this code can trust, so it counts as absent."""
+    training = metadata.get("training")
+    data = training.get("data") if isinstance(training, dict) else None
+    counts = data.get("class_counts") if isinstance(data, dict) else None
+    if isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        return list(counts)
+    return None
 
 
 def tensor_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
