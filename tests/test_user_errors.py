@@ -264,6 +264,18 @@ CASES = [
          ("unknown loss 'fll'", "'fl'")),
     Case("longtail-empties-a-class", ("train", "score", "--set", "dataset=synthetic", "--set", "longtail=exp:1000",
                                       "--out", "{tmp}/run"), ("leaves class 7", "no training image")),
+    Case("fedloge-alpha-zero", ("train", "fedloge", "--set", "alpha=0", "--out", "{tmp}/run"),
+         ("alpha = 0", "must be > 0")),
+    Case("fedloge-beta-one", ("train", "fedloge", "--set", "beta=1.0", "--out", "{tmp}/run"),
+         ("beta = 1.0", "[0, 1)")),
+    Case("fedloge-more-clients-than-examples", ("train", "fedloge", "--set", "dataset=synthetic", "--set", "n_train=200",
+                                                "--set", "longtail=exp:2", "--set", "clients=500", "--out", "{tmp}/run"),
+         ("500 clients", "training examples")),
+    Case("fedloge-client-without-data", ("train", "fedloge", "--set", "dataset=synthetic", "--set", "n_train=200",
+                                         "--set", "longtail=exp:2", "--set", "clients=60", "--set", "alpha=0.01",
+                                         "--out", "{tmp}/run"), ("gets no training image", "alpha 0.01")),
+    Case("fedloge-features-below-classes", ("train", "fedloge", "--set", "dataset=synthetic", "--set", "width=2",
+                                            "--out", "{tmp}/run"), ("smaller than the class count",)),
 ]
 
 

@@ -86,6 +86,8 @@ def _add_eval(sub: argparse._SubParsersAction, epilog: str) -> None:
     ev.add_argument("--subset", choices=["cifar", "imagenet"], default=None,
                     help="CINIC-10 only: evaluate on the CIFAR-10 or the ImageNet part, to measure the shift "
                     "between them")
+    ev.add_argument("--client", type=int, default=None, metavar="K",
+                    help="federated models (fedloge): evaluate client K's personalised model on its local test set")
     ev.add_argument("--no-resume", action="store_true", help="start over even if --out has records")
     add_common(ev, out="result JSON; per-example records go next to it as .records.jsonl "
                "(default: results/<model>__<attack>__<dataset>-n<N>-s<seed>.json)", force=True)
@@ -244,6 +246,11 @@ def load_subject(args: argparse.Namespace,
 
         dataset_info(args.dataset)
     device = require_device(args.device)
+    client = getattr(args, "client", None)
+    if client is not None:
+        from robustkit.federated.checkpoints import client_checkpoint
+
+        args.model = str(client_checkpoint(args.model, client))
     options: dict[str, Any] = {}
     if model_source(args.model) is not None:  # a foreign zoo: which benchmark, where its weights live
         options = {"dataset": args.dataset or "cifar10", "threat_model": args.norm,
@@ -253,7 +260,12 @@ def load_subject(args: argparse.Namespace,
     attack = AttackFactory(args.attack, args.norm, args.eps, dataset, params)
     if check is not None:
         check(attack, loaded)
-    x, y, data_info, dataset_name = _load_examples(args, dataset)
+    if client is not None:
+        from robustkit.federated.checkpoints import local_test_examples
+
+        x, y, data_info, dataset_name = local_test_examples(loaded, args, dataset)
+    else:
+        x, y, data_info, dataset_name = _load_examples(args, dataset)
     other_dataset = check_model_data(loaded, x, y, data_name=dataset_name,
                                      dataset=None if args.data_file else dataset)  # refuses a mismatch
     if other_dataset:

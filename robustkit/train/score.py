@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +41,8 @@ from robustkit.core.threat import parse_eps
 from robustkit.losses import LOSSES, LossSpec, representation_loss
 from robustkit.models.score import ScoreNet
 from robustkit.train._adversarial import _ascent, _project, attack_mode, parse_eps_field, random_start, say
-from robustkit.train._loop import RunningStats, decay_groups, epoch_batches, index_ranges, set_lr
+from robustkit.train._loop import RunningStats, decay_groups, epoch_batches, set_lr
+from robustkit.train._lt import LTData, load_longtail
 from robustkit.train.base import RunOptions, register_trainer
 
 
@@ -135,41 +135,6 @@ SMOKE: dict[str, Any] = {"longtail": "exp:2", "n_train": 160, "n_test": 16, "wid
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LTData:
-    info: Any
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    record: dict[str, Any]
-
-
-def load_longtail(config: ScoreConfig, run: RunOptions) -> LTData:
-    """The long-tailed view of the training split and the balanced test split, with the record the
-    checkpoint keeps (the official indices of every image trained on, and the class counts)."""
-    from robustkit.data import dataset_info, load_split
-    from robustkit.longtail import longtail_view
-
-    info = dataset_info(config.dataset)
-    train = load_split(config.dataset, "train", data_dir=run.data_dir, download=run.download)
-    test = load_split(config.dataset, "test", data_dir=run.data_dir, download=run.download)
-    x, y = train.tensors(config.n_train)
-    indices = np.asarray(train.indices[: len(y)])
-    record: dict[str, Any] = {"dataset": config.dataset, "source": str(train.source)}
-    if config.longtail is not None:
-        view = longtail_view(y.numpy(), config.longtail, info.num_classes, seed=config.data_seed,
-                             n_max=config.longtail_n_max, class_names=info.classes)
-        keep = torch.from_numpy(view.positions)
-        x, y, indices = x[keep], y[keep], indices[view.positions]
-        record["longtail"] = view.record
-    counts = torch.bincount(y, minlength=info.num_classes).tolist()
-    x_test, y_test = test.tensors(config.n_test)
-    record.update({"n_train": len(y), "class_counts": counts, "train_indices": index_ranges(indices),
-                   "test_source": str(test.source), "n_test": len(y_test)})
-    return LTData(info, x, y, x_test, y_test, record)
 
 
 def make_augment(config: ScoreConfig, channels: int, size: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,0 +1,1 @@
+"""Federated long-tailed learning: client splits, FedLoGe, and the engines that run it."""
