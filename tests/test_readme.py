@@ -28,6 +28,12 @@ def test_quickstart_is_two_commands_and_ci_runs_the_test_command():
     assert 'pip install -c .ci/constraints.txt -e ".[test]"' in install_and_test and ".ci/constraints.txt" in ci
 
 
+def test_the_federated_install_line_is_what_ci_installs():
+    lines = [ln.split("#")[0].strip() for b in bash_blocks() for ln in b.splitlines() if '".[federated]"' in ln]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert lines and all(ln in ci for ln in lines), lines
+
+
 def test_every_readme_cli_line_parses():
     parser = build_parser()
     cmds = []
