@@ -79,3 +79,26 @@ def test_fedavg_personalises_by_fine_tuning_the_global_head(tmp_path):
     assert "head2.weight" not in client
     assert not torch.equal(client["head.weight"], generic["head.weight"])  # fine-tuned on the client's data
     assert all(torch.equal(client[k], generic[k]) for k in generic if not k.startswith("head"))
+
+
+def _row(run, seed, flags, local, ablation_flags=None):
+    metrics = {"balanced_clean_acc": flags.count("1") / len(flags), "groups": {"many": 0.5}, "clean_flags": flags,
+               "local_acc_unmasked": local, "local_acc_masked": local + 0.1}
+    if ablation_flags is not None:
+        metrics["no_glafr"] = {**metrics, "clean_flags": ablation_flags, "local_acc_unmasked": local - 0.1,
+                               "balanced_clean_acc": ablation_flags.count("1") / len(ablation_flags)}
+    return {"setting": "cifar10-lt100", "run": run, "seed": seed, "metrics": metrics, "train_wall_s": 10.0}
+
+
+def test_comparison_summary_splits_each_run_into_its_two_methods_and_pairs_with_fedavg():
+    from robustkit.train.fedloge_compare import summarise
+
+    rows = [_row("fedavg", 0, "1000", 0.6), _row("fedloge", 0, "1110", 0.8, ablation_flags="1100")]
+    by = {s["method"]: s for s in summarise(rows)}
+    assert by["fedavg"]["local_unmasked_mean"] is None  # FedAvg alone has no personalised model
+    assert by["fedavg+ft"]["local_unmasked_mean"] == pytest.approx(0.6)
+    assert by["fedloge"]["generic_acc_mean"] == pytest.approx(0.75)
+    assert by["fedloge-no-glafr"]["generic_acc_mean"] == pytest.approx(0.5)
+    assert by["fedloge-no-glafr"]["local_unmasked_mean"] == pytest.approx(0.7)
+    assert (by["fedloge"]["vs_fedavg"]["only_b"], by["fedloge"]["vs_fedavg"]["only_a"]) == (2, 0)
+    assert by["fedloge"]["trains"] and not by["fedloge-no-glafr"]["trains"]

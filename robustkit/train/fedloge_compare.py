@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.train.compare import _bools, _run, _shown, mcnemar_exact
-from robustkit.train.score_compare import _locked, _pct
+from robustkit.train.score_compare import _cost_line, _locked, _pct
 
 RECIPE = Path(__file__).resolve().parents[2] / "defenses" / "fedloge.toml"
 SETTINGS: dict[str, tuple[str, str]] = {"cifar10-lt100": ("cifar10", "exp:100"),
@@ -116,6 +116,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "groups_mean": {g: statistics.fmean(n["groups"][g] for n in nums) for g in nums[0]["groups"]
                                 if all(n["groups"].get(g) is not None for n in nums)},
                 "train_wall_s_mean": statistics.fmean(r["train_wall_s"] for r in runs),
+                "trains": method in ("fedavg", "fedloge"),  # the other two reuse these runs
                 "best_seed": runs[max(range(len(runs)), key=lambda i: (accs[i], -runs[i]["seed"]))]["seed"]}
             for kind in ("unmasked", "masked"):
                 vals = [n[f"local_acc_{kind}"] for n in nums]
@@ -189,7 +190,7 @@ def render_markdown(summary: list[dict[str, Any]], aa: dict[str, Any], command: 
               "label-prior masking (classes the client never trained on cannot be predicted). `vs FedAvg`: exact "
               "McNemar on the generic models' clean flags, seed s against FedAvg's seed s, pooled. AutoAttack: "
               "standard, Linf, the dataset's default eps. `paper`: the authors' log, ResNet-18, full CIFAR-10-LT, "
-              "40 clients, 500 rounds.", "", f"Reproduce: `{command}`"]
+              "40 clients, 500 rounds.", "", _cost_line(summary, aa), "", f"Reproduce: `{command}`"]
     return "\n".join(lines) + "\n"
 
 

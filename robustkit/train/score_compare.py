@@ -186,6 +186,14 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def _cost_line(summary: list[dict[str, Any]], aa: dict[str, Any]) -> str:
+    """What the table cost, from the rows' own timings (wall time on a shared 2-core CPU, 1 thread each)."""
+    train = sum(s["train_wall_s_mean"] * len(s["seeds"]) for s in summary if s.get("trains", True))
+    attack = sum(a["seconds"] for a in aa.values())
+    return (f"Cost: {train / 60:.0f} min of training and {attack / 60:.0f} min of AutoAttack (wall time, one thread "
+            "per run, two or more runs sharing the 2-core CPU).")
+
+
 def render_markdown(summary: list[dict[str, Any]], aa: dict[str, dict[str, Any]], command: str) -> str:
     lines = []
     for setting, (dataset, lt) in SETTINGS.items():
@@ -216,7 +224,7 @@ def render_markdown(summary: list[dict[str, Any]], aa: dict[str, dict[str, Any]]
               "(adversarial rows: against PGD-AT's), pooled over seeds. AutoAttack: standard, Linf, the dataset's default eps, first images of the "
               "test split, on the seed with the best balanced accuracy. `paper`: Majee et al.'s two-stage "
               "ResNet-50 (1,000 epochs, full CIFAR-10, imbalance most likely 10).", "",
-              f"Reproduce: `{command}`"]
+              _cost_line(summary, aa), "", f"Reproduce: `{command}`"]
     return "\n".join(lines) + "\n"
 
 
