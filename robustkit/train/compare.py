@@ -27,7 +27,8 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def _shown(cmd: list[str]) -> str:
 
 
 def _train(trainer_name: str, recipe: str, overrides: list[str], stem: Path, args: argparse.Namespace,
-           log: Path) -> None:
+           log: Path) -> Any:
     """Train one run in this process through the trainer registry: the recipe's config, then the
     overrides (every run gets the same shared ones: equal budget). ``log`` gets the equivalent command
     and the checkpoint written; the per-epoch log is in the checkpoint's ``training.epochs_log``."""
@@ -97,6 +98,40 @@ def _train(trainer_name: str, recipe: str, overrides: list[str], stem: Path, arg
     with open(log, "a") as fh:
         fh.write(f"$ {shown}\nsaved {checkpoint.path.name} (sha256 {checkpoint.metadata['sha256']}) in "
                  f"{time.perf_counter() - t0:.0f}s\n")
+    return checkpoint
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` while a shared table is read and rewritten: two driver processes
+    given different settings (the CPU has two cores) share one table."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def merge_table(table_path: Path, lock: Path, rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any],
+                build: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any]], shared: list[str],
+                autoattack: dict[str, Any]) -> dict[str, Any]:
+    """Merge this process's ``rows`` and AutoAttack entries into ``table_path`` (rows from other
+    processes with the same shared overrides are kept), write it atomically and return it;
+    ``build(rows, autoattack)`` makes the table around them."""
+    from robustkit.eval.results import write_json_atomic
+
+    with locked(lock):
+        on_disk = json.loads(table_path.read_text()) if table_path.exists() else {}
+        same = on_disk.get("shared_overrides") == shared
+        merged = {key(r): r for r in (on_disk.get("rows", []) if same else [])}
+        merged.update({key(r): r for r in rows})
+        table = build(list(merged.values()), {**(on_disk.get("autoattack", {}) if same else {}), **autoattack})
+        write_json_atomic(table_path, table)
+    return table
 
 
 def _overrides(shared: list[str]) -> list[str]:

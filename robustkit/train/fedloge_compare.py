@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkit.train.compare import _bools, _run, _shown, mcnemar_exact
-from robustkit.train.score_compare import _cost_line, _locked, _pct
+from robustkit.train.compare import _bools, _run, _train, mcnemar_exact, merge_table
+from robustkit.train.score_compare import _cost_line, _pct
 
 RECIPE = Path(__file__).resolve().parents[2] / "defenses" / "fedloge.toml"
 SETTINGS: dict[str, tuple[str, str]] = {"cifar10-lt100": ("cifar10", "exp:100"),
@@ -51,33 +51,13 @@ def _work_dir(args: argparse.Namespace) -> Path:
     return Path(args.work_dir) if args.work_dir else Path("runs") / Path(args.out_dir).name
 
 
-def _train(setting: str, method: str, seed: int, shared: list[str], args: argparse.Namespace, log: Path
-           ) -> dict[str, Any]:
+def _train_run(setting: str, method: str, seed: int, shared: list[str], args: argparse.Namespace, log: Path
+               ) -> dict[str, Any]:
     """One training run (fedavg or fedloge) through the registry; the row keeps what the table needs."""
-    import torch
-
-    from robustkit.core.config import read_recipe, resolve_config
-    from robustkit.core.provenance import require_device
-    from robustkit.train import RunOptions, get_trainer
-
     dataset, longtail = SETTINGS[setting]
     overrides = [f"dataset={dataset}", f"longtail={longtail}", f"method={method}", f"seed={seed}", *shared]
     stem = _work_dir(args) / f"{setting}__{method}__s{seed}"
-    trainer = get_trainer("fedloge")
-    _, fields = read_recipe(RECIPE)
-    config = resolve_config(trainer.config, recipe=fields, recipe_source="recipe defenses/fedloge.toml",
-                            overrides=overrides)
-    shown = " ".join(["robustkit train fedloge --recipe defenses/fedloge.toml",
-                      *(f"--set {shlex.quote(o)}" for o in overrides), f"--out {_shown([str(stem)])}"])
-    print("$ " + shown, flush=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ckpt = trainer(config, RunOptions(out=stem, device=require_device(args.device), data_dir=args.data_dir,
-                                      progress=not args.no_progress))
-    meta = ckpt.metadata
-    with open(log, "a") as fh:
-        fh.write(f"$ {shown}\nsaved {ckpt.path.name} (sha256 {meta['sha256']}) in "
-                 f"{meta['training']['wall_time_s']:.0f}s\n")
+    meta = _train("fedloge", RECIPE.name, overrides, stem, args, log).metadata
     return {"setting": setting, "run": method, "seed": seed, "overrides": overrides, "stem": str(stem),
             "metrics": {k: v for k, v in meta["metrics"].items() if k != "local_acc_per_client"},
             "sha256": {"": meta["sha256"], ".no_glafr": _sha(stem, ".no_glafr")},
@@ -234,7 +214,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     from robustkit.core.errors import UnknownNameError
-    from robustkit.eval.results import write_json_atomic
 
     command = "python -m robustkit.train.fedloge_compare " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -253,19 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
+    def build(all_rows: list[dict[str, Any]], all_aa: dict[str, Any]) -> dict[str, Any]:
+        all_rows.sort(key=lambda r: (r["setting"], r["run"], r["seed"]))
+        return {"schema": "robustkit.fedloge_comparison", "schema_version": 1, "command": command,
+                "shared_overrides": shared, "device": args.device, "rows": all_rows, "summary": summarise(all_rows),
+                "autoattack": all_aa}
+
     def save(aa: dict[str, Any]) -> dict[str, Any]:
-        with _locked(_work_dir(args) / "table.lock"):
-            on_disk = json.loads(table_path.read_text()) if table_path.exists() else {}
-            same = on_disk.get("shared_overrides") == shared
-            merged = {(r["setting"], r["run"], r["seed"]): r for r in (on_disk.get("rows", []) if same else [])}
-            merged.update({(r["setting"], r["run"], r["seed"]): r for r in rows})
-            all_rows = sorted(merged.values(), key=lambda r: (r["setting"], r["run"], r["seed"]))
-            table = {"schema": "robustkit.fedloge_comparison", "schema_version": 1, "command": command,
-                     "shared_overrides": shared, "device": args.device, "rows": all_rows,
-                     "summary": summarise(all_rows), "autoattack": {**(on_disk.get("autoattack", {}) if same else {}),
-                                                                    **aa}}
-            write_json_atomic(table_path, table)
-        return table
+        return merge_table(table_path, _work_dir(args) / "table.lock", rows,
+                           lambda r: (r["setting"], r["run"], r["seed"]), build, shared, aa)
 
     plan = [(s, run, seed) for s in settings for run in ("fedavg", "fedloge") for seed in seeds]
     for i, key in enumerate(plan):
@@ -273,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(kept[key])
             continue
         print(f"[{i + 1}/{len(plan)}] {key[0]} {key[1]} seed {key[2]}", flush=True)
-        rows.append(_train(*key, shared, args, log))
+        rows.append(_train_run(*key, shared, args, log))
         save({})
     aa: dict[str, Any] = {}
     if args.aa_n:

@@ -26,12 +26,11 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkit.train.compare import _bools, _run, _shown, mcnemar_exact
+from robustkit.train.compare import _bools, _run, _train, mcnemar_exact, merge_table
 
 RECIPE = Path(__file__).resolve().parents[2] / "defenses" / "score.toml"
 
@@ -60,30 +59,10 @@ PAPER = {"ce": 86.44, "supcon": 89.96, "score-gc": 90.83, "score-logdet": 90.80,
 def _train_row(setting: str, method: str, seed: int, shared: list[str], args: argparse.Namespace,
                log: Path) -> dict[str, Any]:
     """Train one (setting, method, seed) through the trainer registry; the row keeps what the table needs."""
-    import torch
-
-    from robustkit.core.config import read_recipe, resolve_config
-    from robustkit.core.provenance import require_device
-    from robustkit.train import RunOptions, get_trainer
-
     dataset, longtail = SETTINGS[setting]
     overrides = [f"dataset={dataset}", f"longtail={longtail}", *METHODS[method], f"seed={seed}", *shared]
     stem = _work_dir(args) / f"{setting}__{method}__s{seed}"
-    trainer = get_trainer("score")
-    _, fields = read_recipe(RECIPE)
-    config = resolve_config(trainer.config, recipe=fields, recipe_source="recipe defenses/score.toml",
-                            overrides=overrides)
-    shown = " ".join(["robustkit train score --recipe defenses/score.toml",
-                      *(f"--set {shlex.quote(o)}" for o in overrides), f"--out {_shown([str(stem)])}"])
-    print("$ " + shown, flush=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ckpt = trainer(config, RunOptions(out=stem, device=require_device(args.device), data_dir=args.data_dir,
-                                      progress=not args.no_progress))
-    meta = ckpt.metadata
-    with open(log, "a") as fh:
-        fh.write(f"$ {shown}\nsaved {ckpt.path.name} (sha256 {meta['sha256']}) in "
-                 f"{meta['training']['wall_time_s']:.0f}s\n")
+    meta = _train("score", RECIPE.name, overrides, stem, args, log).metadata
     m, groups = meta["metrics"], meta["metrics"]["per_class"].get("groups") or {}
     return {"setting": setting, "method": method, "seed": seed, "overrides": overrides,
             "checkpoint": str(stem) + ".safetensors", "checkpoint_sha256": meta["sha256"],
@@ -166,20 +145,6 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                               **mcnemar_exact(a, b)}
             out.append(line)
     return out
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``path`` (in the work folder) while the table is read and rewritten."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _pct(v: float | None) -> str:
@@ -306,7 +271,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     from robustkit.core.errors import UnknownNameError
-    from robustkit.eval.results import write_json_atomic
 
     command = "python -m robustkit.train.score_compare " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -334,22 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
 
+    def build(all_rows: list[dict[str, Any]], all_aa: dict[str, Any]) -> dict[str, Any]:
+        all_rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), list(METHODS).index(r["method"]), r["seed"]))
+        return {"schema": "robustkit.score_comparison", "schema_version": 1, "command": command,
+                "shared_overrides": shared, "device": args.device, "rows": all_rows, "summary": summarise(all_rows),
+                "autoattack": all_aa}
+
     def save(aa: dict[str, Any]) -> dict[str, Any]:
-        """Merge this process's rows and AutoAttack results into table.json under a lock: two
-        processes given different --settings share one table (the CPU has two cores)."""
-        with _locked(_work_dir(args) / "table.lock"):
-            on_disk = json.loads(table_path.read_text()) if table_path.exists() else {}
-            same = on_disk.get("shared_overrides") == shared
-            merged = {(r["setting"], r["method"], r["seed"]): r for r in (on_disk.get("rows", []) if same else [])}
-            merged.update({(r["setting"], r["method"], r["seed"]): r for r in rows})
-            all_aa = {**(on_disk.get("autoattack", {}) if same else {}), **aa}
-            all_rows = sorted(merged.values(), key=lambda r: (list(SETTINGS).index(r["setting"]),
-                                                                 list(METHODS).index(r["method"]), r["seed"]))
-            table = {"schema": "robustkit.score_comparison", "schema_version": 1, "command": command,
-                     "shared_overrides": shared, "device": args.device, "rows": all_rows,
-                     "summary": summarise(all_rows), "autoattack": all_aa}
-            write_json_atomic(table_path, table)
-        return table
+        return merge_table(table_path, _work_dir(args) / "table.lock", rows,
+                           lambda r: (r["setting"], r["method"], r["seed"]), build, shared, aa)
 
     for i, key in enumerate(plan):
         if key in kept:
