@@ -63,14 +63,6 @@ class FedLoGeNet(SmallCNN):
         # models have the same keys and one trained state loads into both.
         self.register_buffer("keep", keep, persistent=False)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.head.in_features
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The backbone's features of [0, 1] images: normalise, convolve, global-average-pool."""
-        return torch.flatten(self.pool(self.features(self.normalize(x))), 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.embed(x)
         logits = self.head(f)

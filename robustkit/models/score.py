@@ -10,25 +10,13 @@ output that the projection head and the linear probe read.
 
 from __future__ import annotations
 
-import torch
-
 from robustkit.models.base import register_model
 from robustkit.models.small_cnn import SmallCNN
 
 
 class ScoreNet(SmallCNN):
-    """SmallCNN whose pooled features (``4 * width`` of them) are the learned representation."""
-
-    @property
-    def feature_dim(self) -> int:
-        return self.head.in_features
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's representation of [0, 1] images: normalise, convolve, global-average-pool."""
-        return torch.flatten(self.pool(self.features(self.normalize(x))), 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(x))
+    """SmallCNN whose pooled features (``4 * width``, :meth:`SmallCNN.embed`) are the learned
+    representation; registered under its own name so a SCoRe checkpoint says what produced it."""
 
 
 register_model(

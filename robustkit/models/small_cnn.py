@@ -71,9 +71,18 @@ class SmallCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)  # any input size >= 8 px works
         self.head = nn.Linear(4 * w, num_classes)
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of the representation :meth:`embed` returns (``4 * width``)."""
+        return self.head.in_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's representation of [0, 1] images (normalise, convolve, global-average-pool): what
+        representation learners (SCoRe) and federated heads (FedLoGe) train on top of."""
+        return torch.flatten(self.pool(self.features(self.normalize(x))), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(self.normalize(x))
-        return self.head(torch.flatten(self.pool(x), 1))
+        return self.head(self.embed(x))
 
 
 class TinyCNN(nn.Module):
