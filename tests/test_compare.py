@@ -111,6 +111,19 @@ def test_committed_log_shows_no_machine_paths(monkeypatch: pytest.MonkeyPatch, t
     assert compare._shown(cmd) == "python -m robustkit --recipe defenses/x.toml /elsewhere/y"
 
 
+@pytest.mark.parametrize("n, k", [(1001, 470), (1500, 700), (6000, 2900)])
+def test_mcnemar_exact_on_thousands_of_discordant_pairs(n: int, k: int) -> None:
+    """Pooled seeds of 7,000 test images give thousands of discordant pairs: 2.0**n overflows a float,
+    so the large-n branch (log space) must agree with exact integer arithmetic."""
+    import math
+    from fractions import Fraction
+
+    exact = min(Fraction(1), Fraction(2 * sum(math.comb(n, i) for i in range(k + 1)), 2**n))
+    r = compare.mcnemar_exact([True] * (n - k) + [False] * k, [False] * (n - k) + [True] * k)
+    assert (r["only_a"], r["only_b"]) == (n - k, k)
+    assert r["p_value"] == pytest.approx(float(exact), rel=1e-9)
+
+
 def test_mcnemar_exact_matches_hand_computed_values() -> None:
     assert compare.mcnemar_exact([True, False], [True, False])["p_value"] == 1.0  # no discordant pair
     # 3 discordant, split 1 / 2: p = 2 * (C(3,0) + C(3,1)) / 8 = 1, capped at 1

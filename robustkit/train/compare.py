@@ -224,7 +224,15 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
     only_b = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
     only_a = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
     n, k = only_a + only_b, min(only_a, only_b)
-    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n)
+    if n == 0:
+        p = 1.0
+    elif n <= 1000:  # exact: integers, one correctly rounded division
+        p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
+    else:  # 2.0**n overflows from n = 1,024 (several seeds of 7,000 images get there): log space
+        terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+                 for i in range(k + 1)]
+        top = max(terms)
+        p = min(1.0, 2 * math.exp(top) * sum(math.exp(t - top) for t in terms))
     return {"only_a": only_a, "only_b": only_b, "p_value": p}
 
 
