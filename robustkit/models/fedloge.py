@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from robustkit.core.errors import ConfigError
-from robustkit.models.base import register_model
+from robustkit.models.base import Weights, register_model
 from robustkit.models.small_cnn import CIFAR10_MEAN, CIFAR10_STD, SmallCNN
 
 MASKED_LOGIT = -1e9  # the logit of a class outside ``class_mask``: below any real logit, finite in float32
@@ -73,9 +73,16 @@ class FedLoGeNet(SmallCNN):
         return logits
 
 
+# Function pin of robustkit/weights/fedloge.cifar10_lt100 (robustkit.core.checkpoint.function_pin).
+FEDLOGE_CIFAR10_LT100_PIN = "e15390102c56135025cd3cd29f0458e5f813aab58836e86df9fc32507cc730b8"
+
 register_model(
     "fedloge",
     FedLoGeNet,
     description="SmallCNN backbone trained federated through a frozen sparse ETF (FedLoGe) + GLA-FR-realigned head",
     dataset="cifar10",
+    tags={"cifar10_lt100": Weights(
+        file="fedloge.cifar10_lt100", pin=FEDLOGE_CIFAR10_LT100_PIN,
+        description="FedLoGe's generic model, CIFAR-10-LT exp:100 over 10 clients (Dirichlet 0.5), seed 2")},
+    default_tag="cifar10_lt100",
 )
