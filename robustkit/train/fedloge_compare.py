@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.train.compare import _bools, _run, _train, mcnemar_exact, merge_table
-from robustkit.train.score_compare import _cost_line, _pct
+from robustkit.train.score_compare import _cost_line, _p, _pct
 
 RECIPE = Path(__file__).resolve().parents[2] / "defenses" / "fedloge.toml"
 SETTINGS: dict[str, tuple[str, str]] = {"cifar10-lt100": ("cifar10", "exp:100"),
@@ -153,7 +153,7 @@ def render_markdown(summary: list[dict[str, Any]], aa: dict[str, Any], command: 
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for s in block:
             g, t = s["groups_mean"], s.get("vs_fedavg")
-            vs = f"{t['only_b']} / {t['only_a']}, p = {t['p_value']:.2g}" if t else "–"
+            vs = f"{t['only_b']} / {t['only_a']}, {_p(t['p_value'])}" if t else "–"
             a = aa.get(f"{setting}/{s['method']}")
             aa_txt = f"{_pct(a['autoattack_acc'])} (s{a['seed']}, n={a['n']})" if a else "–"
             paper = PAPER.get(s["method"]) if setting == "cifar10-lt100" else None

@@ -147,6 +147,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _p(p: float) -> str:
+    """A p-value as the tables print it (below float's range it is a bound, not 0)."""
+    return f"p = {p:.2g}" if p > 0 else "p < 1e-300"
+
+
 def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -172,7 +177,7 @@ def render_markdown(summary: list[dict[str, Any]], aa: dict[str, dict[str, Any]]
         for s in block:
             g = s["groups_mean"]
             t = s.get("vs")
-            vs = f"{t['only_b']} / {t['only_a']}, p = {t['p_value']:.2g}" + ("" if t["baseline"] == "ce" else
+            vs = f"{t['only_b']} / {t['only_a']}, {_p(t['p_value'])}" + ("" if t["baseline"] == "ce" else
                                                                                   " (vs pgd-at)") if t else "–"
             a = aa.get(f"{setting}/{s['method']}")
             aa_txt = f"{_pct(a['autoattack_acc'])} (s{s['best_seed']}, n={a['n']})" if a else "–"
@@ -215,11 +220,11 @@ def _adversarial_lines(summary: list[dict[str, Any]], aa: dict[str, dict[str, An
             continue
         o = t["overall"]
         line = (f"**Robust representations ({setting})**: AutoAttack-robust under SCoRe-FL + adversarial views only "
-                f"{o['only_b']}, under PGD-AT (CE) only {o['only_a']} (exact McNemar p = {o['p_value']:.2g})")
+                f"{o['only_b']}, under PGD-AT (CE) only {o['only_a']} (exact McNemar, {_p(o['p_value'])})")
         if "few" in t:
             f = t["few"]
             line += (f"; on the {f['n']} few-shot test images: {f['only_b']} vs {f['only_a']} "
-                     f"(p = {f['p_value']:.2g})")
+                     f"({_p(f['p_value'])})")
         lines += [line + ".", ""]
     return lines
 
