@@ -88,7 +88,13 @@ def test_flower_simulation_matches_simulator(one_thread) -> None:
     data, model, sse = _data(), _model(), _sse()
     ref = run_simulator(model, sse, data, **HYPER)
     lines: list[str] = []
+    import flwr.simulation  # noqa: F401  (its import sets Ray options once per process, on purpose)
+
+    environ = dict(os.environ)
     got = fa.run_flower_simulation(model, sse, data, **HYPER, num_cpus=2, client_cpus=1, progress=lines.append)
+    # Ray sets PYTHONPATH and more for its workers; the caller's environment must come back as it was
+    # (a later `pip --python other-env` would otherwise see this environment's packages).
+    assert dict(os.environ) == environ
     _assert_same_run(got, ref)
     assert lines[-1].startswith(f"round {HYPER['rounds']}/{HYPER['rounds']}: clients")
     twice = [k for k, n in got.trained_rounds.items() if n == 2]

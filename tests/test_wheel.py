@@ -54,9 +54,11 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     venv.EnvBuilder(with_pip=False).create(env_dir)
     bindir = env_dir / ("Scripts" if os.name == "nt" else "bin")
     python = bindir / ("python.exe" if os.name == "nt" else "python")
-    # Install before the .pth exists, so pip sees an empty environment (not this one's robustkit).
+    # Install before the .pth exists, so pip sees an empty environment (not this one's robustkit): nor
+    # through a PYTHONPATH that something earlier in the session set (Ray sets one for its workers).
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-          str(wheel)], cwd=env_dir)
+          str(wheel)], cwd=env_dir, env=clean)
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                    cwd=env_dir).strip()
     # Plain path lines: the folders' own .pth files (e.g. this checkout's editable finder) do not run.

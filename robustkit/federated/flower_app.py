@@ -642,7 +642,9 @@ def run_flower_simulation(init_model: nn.Module, sse_weight: torch.Tensor | None
     ``num_cpus``/``client_cpus``/``client_gpus``: Ray's resources (all CPUs, 1 per client, a GPU share
     on CUDA). ``timeout``: seconds to wait for the SuperNodes and for each round's replies.
     """
-    from flwr.simulation import run_simulation
+    from flwr.simulation import run_simulation  # its import sets Ray options of its own, kept
+
+    environ = dict(os.environ)  # a Ray run sets PYTHONPATH (this process's sys.path) and more
 
     _check_run(init_model, client_data, rounds, method)
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("client_cpus", client_cpus)):
@@ -671,6 +673,10 @@ def run_flower_simulation(init_model: nn.Module, sse_weight: torch.Tensor | None
                            backend_config=_backend_config(dev, num_cpus, client_cpus, client_gpus))
     finally:
         _reap(ours)
+        # ... and leaves them set: a later subprocess of the caller (pip, another interpreter) would
+        # import this environment's packages. The caller's environment is put back as it was.
+        os.environ.clear()
+        os.environ.update(environ)
     if "run" not in box:
         raise RuntimeError("the Flower simulation ended without a result (see the Flower log above)")
     return box["run"]
