@@ -116,3 +116,20 @@ def test_summary_pairs_each_loss_with_ce_and_the_adversarial_row_with_pgd_at():
     assert fl["balanced_acc_mean"] == pytest.approx(0.875) and fl["best_seed"] == 0
     assert by["score-fl-adv"]["vs"]["baseline"] == "pgd-at" and by["score-fl-adv"]["vs"]["only_b"] == 2
     assert "vs" not in by["ce"] and "vs" not in by["pgd-at"]
+
+
+@pytest.mark.parametrize("module, argv, needle", [
+    ("robustkit.train.score_compare", ["--methods", "supcn"], "did you mean 'supcon'"),
+    ("robustkit.train.score_compare", ["--adversarial-settings", "cifar10-lt1000"], "unknown comparison setting"),
+    ("robustkit.train.fedloge_compare", ["--settings", "cifar10"], "did you mean 'cifar10-lt100'"),
+])
+def test_comparison_drivers_refuse_unknown_names_in_one_line(module, argv, needle, capsys, tmp_path):
+    import importlib
+
+    from robustkit.cli import guarded
+
+    driver = importlib.import_module(module)
+    assert guarded(driver.main, [*argv, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("robustkit: error:") and needle in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing written before the names are checked

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from robustkit.core.errors import ConfigError, RobustkitError
 
@@ -110,8 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one command: 0 on success, 2 (one line on stderr) on any user error, 130 on Ctrl-C at any
     point, start-up included; a usage error exits 2 through argparse's SystemExit."""
+    return guarded(_run, argv)
+
+
+def guarded(run: Callable[[Any], int], argv: Any = None) -> int:
+    """``run(argv)`` with robustkit's exit contract (one line + exit 2 per user error, 130 on Ctrl-C):
+    the CLI and the ``python -m robustkit.train.*_compare`` drivers alike."""
     try:
-        return _run(argv)
+        return run(argv)
     except RobustkitError as e:
         print(f"robustkit: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code

@@ -594,10 +594,10 @@ def _ray_processes() -> set[tuple[int, str]]:
         except OSError:
             continue
         children.setdefault(int(fields[1]), []).append((int(stat.parent.name), fields[19]))
-    found, todo = set(), [os.getpid()]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            todo.append(child[0])
+    found, pending = set(), [os.getpid()]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            pending.append(child[0])
             with contextlib.suppress(OSError):
                 if b"ray" in Path(f"/proc/{child[0]}/cmdline").read_bytes():
                     found.add(child)

@@ -101,6 +101,39 @@ def _train(trainer_name: str, recipe: str, overrides: list[str], stem: Path, arg
     return checkpoint
 
 
+def driver_parser(module: str, doc: str, out_dir: str, settings: Sequence[str]) -> argparse.ArgumentParser:
+    """The flags the long-tailed comparison drivers share (score_compare, fedloge_compare), defined once."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    p.add_argument("--data-dir", default=None, help="data root holding <dataset>/{train,test}.npz")
+    p.add_argument("--out-dir", default=out_dir, help="results and tables (committed)")
+    p.add_argument("--work-dir", default=None, help="checkpoints and AutoAttack records (default runs/<out-dir name>)")
+    p.add_argument("--settings", default=",".join(settings), help=f"comma list from {', '.join(settings)}")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (the long-tailed view is the same for all)")
+    p.add_argument("--aa-n", type=int, default=500, help="AutoAttack on the first N test images (0: skip)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="shared config override given to EVERY run (equal budget), e.g. epochs=10")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def driver_command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line a driver's table records as its reproducing command."""
+    return f"python -m {module} " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def checked_names(spec: str, known: Sequence[str], kind: str) -> list[str]:
+    """A comma list of names, each one known (else the one-line error with close matches)."""
+    from robustkit.core.errors import UnknownNameError
+
+    names = [n for n in spec.split(",") if n]
+    for n in names:
+        if n not in known:
+            raise UnknownNameError(kind, n, list(known))
+    return names
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` while a shared table is read and rewritten: two driver processes
@@ -453,4 +486,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from robustkit.cli import guarded
+
+    raise SystemExit(guarded(main))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -28,7 +27,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkit.train.compare import _bools, _run, _train, mcnemar_exact, merge_table
+from robustkit.train.compare import (
+    _bools,
+    _run,
+    _train,
+    checked_names,
+    driver_command,
+    driver_parser,
+    mcnemar_exact,
+    merge_table,
+)
 from robustkit.train.score_compare import _cost_line, _p, _pct
 
 RECIPE = Path(__file__).resolve().parents[2] / "defenses" / "fedloge.toml"
@@ -200,27 +208,10 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m robustkit.train.fedloge_compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out-dir", default="defenses/fedloge_comparison", help="results and tables (committed)")
-    p.add_argument("--work-dir", default=None, help="checkpoints and AutoAttack records (default runs/<out-dir name>)")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list from {', '.join(SETTINGS)}")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--aa-n", type=int, default=500, help="AutoAttack on the first N test images (0: skip)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="shared config override given to EVERY run (equal budget)")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    from robustkit.core.errors import UnknownNameError
-
-    command = "python -m robustkit.train.fedloge_compare " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    settings = [s for s in args.settings.split(",") if s]
-    for s in settings:
-        if s not in SETTINGS:
-            raise UnknownNameError("comparison setting", s, list(SETTINGS))
+    args = driver_parser("robustkit.train.fedloge_compare", __doc__, "defenses/fedloge_comparison",
+                         list(SETTINGS)).parse_args(argv)
+    command = driver_command("robustkit.train.fedloge_compare", argv)
+    settings = checked_names(args.settings, list(SETTINGS), "comparison setting")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     shared = [a.strip() for a in args.train_arg]
     out = Path(args.out_dir)
@@ -268,4 +259,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from robustkit.cli import guarded
+
+    raise SystemExit(guarded(main))

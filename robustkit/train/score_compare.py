@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -30,7 +29,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from robustkit.train.compare import _bools, _run, _train, mcnemar_exact, merge_table
+from robustkit.train.compare import (
+    _bools,
+    _run,
+    _train,
+    checked_names,
+    driver_command,
+    driver_parser,
+    mcnemar_exact,
+    merge_table,
+)
 
 RECIPE = Path(__file__).resolve().parents[2] / "defenses" / "score.toml"
 
@@ -258,36 +266,16 @@ def plot(summary: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m robustkit.train.score_compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None, help="data root holding <dataset>/{train,test}.npz")
-    p.add_argument("--out-dir", default="defenses/score_comparison", help="results and tables (committed)")
-    p.add_argument("--work-dir", default=None, help="checkpoints and AutoAttack records (default runs/<out-dir name>)")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list from {', '.join(SETTINGS)}")
+    p = driver_parser("robustkit.train.score_compare", __doc__, "defenses/score_comparison", list(SETTINGS))
     p.add_argument("--methods", default=",".join(STANDARD), help=f"comma list from {', '.join(METHODS)}")
     p.add_argument("--adversarial-settings", default="cifar10-lt100",
                    help=f"settings that also run {' and '.join(ADVERSARIAL)} ('' for none)")
-    p.add_argument("--seeds", default="0,1,2", help="training seeds (the long-tailed view is the same for all)")
     p.add_argument("--adversarial-seeds", default="0", help="training seeds of the adversarial rows")
-    p.add_argument("--aa-n", type=int, default=500, help="AutoAttack on the first N test images (0: skip)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--train-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="shared config override given to EVERY run (equal budget), e.g. epochs=10")
-    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from robustkit.core.errors import UnknownNameError
-
-    command = "python -m robustkit.train.score_compare " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    settings = [s for s in args.settings.split(",") if s]
-    methods = [m for m in args.methods.split(",") if m]
-    adv = [s for s in args.adversarial_settings.split(",") if s]
-    for s in settings + adv:
-        if s not in SETTINGS:
-            raise UnknownNameError("comparison setting", s, list(SETTINGS))
-    for m in methods:
-        if m not in METHODS:
-            raise UnknownNameError("comparison method", m, list(METHODS))
+    command = driver_command("robustkit.train.score_compare", argv)
+    settings = checked_names(args.settings, list(SETTINGS), "comparison setting")
+    methods = checked_names(args.methods, list(METHODS), "comparison method")
+    adv = checked_names(args.adversarial_settings, list(SETTINGS), "comparison setting")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     shared = [a.strip() for a in args.train_arg]
     out = Path(args.out_dir)
@@ -337,4 +325,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from robustkit.cli import guarded
+
+    raise SystemExit(guarded(main))
