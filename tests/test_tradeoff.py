@@ -84,7 +84,12 @@ def _bases(tiny_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Modul
 
 @pytest.fixture(scope="module")
 def mixed(tiny_model) -> MixedClassifier:
-    """The real composite; an untrained mixing net still gives an input-dependent alpha."""
+    return build_mixed(tiny_model)
+
+
+def build_mixed(tiny_model: torch.nn.Module) -> MixedClassifier:
+    """The real composite; an untrained mixing net still gives an input-dependent alpha (also built by
+    the distributed tests' torchrun script)."""
     g, h = _bases(tiny_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

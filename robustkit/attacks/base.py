@@ -31,6 +31,11 @@ class Attack(abc.ABC):
     """
 
     name: str = "attack"
+    # True when an example's result does not depend on which examples share its batch: the harness
+    # then also passes ``example_seeds`` (one seed per example, from the run seed, the stage and the
+    # example's index) and the attack draws each example's randomness from its own seed only. Its
+    # flags are then the same at any batch size, order or sharding (``--shard`` + ``merge``).
+    batch_invariant: bool = False
 
     def __init__(self, threat: ThreatModel) -> None:
         self.threat = threat
@@ -63,7 +68,8 @@ class Attack(abc.ABC):
         ``seed`` is derived by the harness from the run seed, the stage and the batch, so a
         resumed run replays exactly the randomness it would have used. Implementations must take
         randomness only from it (or from a generator seeded with it); the harness shields the
-        caller's global RNG state around the call.
+        caller's global RNG state around the call. A ``batch_invariant`` attack also takes the
+        keyword ``example_seeds`` (int64, one per example) and uses those instead.
         """
 
     def config(self) -> dict[str, Any]:

@@ -66,6 +66,25 @@ def random_start(x: torch.Tensor, threat: ThreatModel, gen: torch.Generator) -> 
     return project(x + delta, x, threat)
 
 
+def random_start_per_example(x: torch.Tensor, threat: ThreatModel, seeds: torch.Tensor,
+                             restart: int = 0) -> torch.Tensor:
+    """:func:`random_start` with each example's draw from its own seed (and the restart): the start
+    of an example is the same whatever batch it is in. Drawn on the CPU (one small generator per
+    example, a cost paid once per restart, not per step) and moved to ``x``'s device."""
+    draws = []
+    for s in seeds.tolist():
+        gen = _generator(torch.device("cpu"), s + restart * 0x9E3779B97F4A7C15)  # _generator keeps 64 bits
+        if threat.norm == "Linf":
+            draws.append((2.0 * torch.rand(x.shape[1:], generator=gen, dtype=torch.float64) - 1.0) * threat.eps)
+        else:
+            direction = torch.randn(x.shape[1:], generator=gen, dtype=torch.float64)
+            u = torch.rand((), generator=gen, dtype=torch.float64)
+            radius = threat.eps * u.pow(1.0 / x[0].numel())
+            draws.append(direction * (radius / direction.norm(p=2).clamp_min(1e-12)))
+    delta = torch.stack(draws).to(device=x.device, dtype=x.dtype) if draws else torch.zeros_like(x)
+    return project(x + delta, x, threat)
+
+
 def ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     """Steepest-ascent direction of unit norm: sign for Linf, L2-normalised gradient for L2.
 
@@ -127,6 +146,14 @@ class _GradientAttack(Attack):
         super().__init__(threat)
         self.loss = _validate_loss(loss)
 
+    def _start(self, x: torch.Tensor, seed: int, example_seeds: torch.Tensor | None, restart: int,
+               gen: torch.Generator | None = None) -> torch.Tensor:
+        """A random start: each example's own (the harness's ``example_seeds``) or, called
+        directly without them, one draw for the batch from ``seed``."""
+        if example_seeds is not None:
+            return random_start_per_example(x, self.threat, example_seeds, restart)
+        return random_start(x, self.threat, gen if gen is not None else _generator(x.device, seed))
+
     def _check_stage(self, stage: str) -> None:
         if stage != self.name:
             raise ValueError(f"{type(self).__name__} has the single stage {self.name!r}, got {stage!r}")
@@ -143,6 +170,7 @@ class FGSM(_GradientAttack):
     """
 
     name = "fgsm"
+    batch_invariant = True
 
     def __init__(
         self,
@@ -158,13 +186,14 @@ class FGSM(_GradientAttack):
         self.random_start = _validate_bool("random_start", random_start)
 
     def perturb(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, stage: str, seed: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, stage: str, seed: int,
+        example_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._check_stage(stage)
         x = x.detach()
         if x.shape[0] == 0 or self.eps == 0:
             return x.clone()
-        start = random_start(x, self.threat, _generator(x.device, seed)) if self.random_start else x
+        start = self._start(x, seed, example_seeds, 0) if self.random_start else x
         with torch.enable_grad():
             _, _, grad = _input_gradient(model, start, y, self.loss)
         step = self.step_size * ascent_direction(grad, self.norm)
@@ -191,6 +220,7 @@ class PGD(_GradientAttack):
     """
 
     name = "pgd"
+    batch_invariant = True
 
     def __init__(
         self,
@@ -215,7 +245,8 @@ class PGD(_GradientAttack):
             )
 
     def perturb(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, stage: str, seed: int
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, stage: str, seed: int,
+        example_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self._check_stage(stage)
         x = x.detach()
@@ -227,11 +258,14 @@ class PGD(_GradientAttack):
         best_loss = torch.full((n,), float("-inf"), device=x.device)
         found = torch.zeros(n, dtype=torch.bool, device=x.device)
         with torch.enable_grad():
-            for _ in range(self.restarts):
+            for restart in range(self.restarts):
                 pending = (~found).nonzero().squeeze(1)
                 if pending.numel() == 0:
                     break
-                adv, loss, success = self._run_once(model, x[pending], y[pending], gen)
+                own = None if example_seeds is None else example_seeds[pending.cpu()]
+                start = (self._start(x[pending], seed, own, restart, gen) if self.random_start
+                         else x[pending].clone())
+                adv, loss, success = self._run_once(model, x[pending], y[pending], start)
                 take = success | (loss > best_loss[pending])
                 best[pending[take]] = adv[take]
                 best_loss[pending[take]] = loss[take]
@@ -239,10 +273,9 @@ class PGD(_GradientAttack):
         return best
 
     def _run_once(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One PGD run: returns each example's kept point, its loss and whether it is adversarial."""
-        x_adv = random_start(x, self.threat, gen) if self.random_start else x.clone()
+        """One PGD run from ``x_adv``: each example's kept point, its loss and whether it is adversarial."""
         best = x_adv.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

@@ -98,6 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(rg, seed=None, force=True)
     rg.set_defaults(func=cmd_regress)
 
+    mg = sub.add_parser(
+        "merge", help="join the results of an `eval --shard I/N` job array into one result JSON",
+        description="Check that the results are the N parts of one evaluation (same model, checkpoint, attack, "
+        "data, seed and batch size; every part once) and write the result a single run writes: flags in "
+        "example order, stage counts and passes summed, per-class accuracy recomputed. Says whether the "
+        "merged flags are identical to a single run's (attacks with per-example randomness: pgd, fgsm) or "
+        "valid worst-case flags but not batch-exact (the reference AutoAttack re-seeds per batch).",
+        epilog="example:\n  for i in 0 1 2 3; do robustkit eval --model small_cnn --attack pgd --shard $i/4 "
+        "--out r.shard$i.json; done\n  robustkit merge r.shard*.json --out r.json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mg.add_argument("parts", nargs="+", metavar="SHARD.json", help="the result JSON of every part")
+    add_common(mg, seed=None, data=False, progress=False, force=True,
+               out="merged result JSON (default: the first part's path without .shard<I>of<N>, or with "
+               ".merged)")
+    mg.set_defaults(func=cmd_merge)
+
     from robustkit.cli.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
@@ -190,6 +207,32 @@ def _check_baseline_out(args: argparse.Namespace, out: Path) -> None:
     check_output(out, inputs=command_inputs(args), flag="PATH", force=args.force,
                  kind="a baseline of the same evaluation",
                  replaceable=same_run(BASELINE_SCHEMA, fields, section="result") if fields else None)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import re
+
+    from robustkit.eval.merge import merge_results
+    from robustkit.eval.outputs import check_output, same_run
+    from robustkit.eval.results import RESULT_SCHEMA
+
+    merged, merge = merge_results(args.parts)
+    first = Path(args.parts[0])
+    stem = re.sub(r"\.shard\d+of\d+$", "", first.stem)
+    out = Path(args.out) if args.out else first.with_name(
+        f"{stem if stem != first.stem else stem + '.merged'}{first.suffix}")
+    keys = ("model", "attack", "dataset", "n_examples", "seed")
+    check_output(out, inputs=[(Path(p), f"the part {p}") for p in args.parts], force=args.force,
+                 kind="a merged result of the same evaluation",
+                 replaceable=same_run(RESULT_SCHEMA, {k: getattr(merged, k) for k in keys}))
+    merged.save(out)
+    print(merged.summary())
+    print(f"\n{'identical to a single run' if merge['batch_exact'] else 'NOT batch-exact'}: {merge['why']}")
+    print(f"merged {len(args.parts)} parts -> {out}")
+    return 0
 
 
 # --------------------------------------------------------------------------- list / train / bench

@@ -89,6 +89,10 @@ def _add_eval(sub: argparse._SubParsersAction, epilog: str) -> None:
     ev.add_argument("--client", type=int, default=None, metavar="K",
                     help="federated models (fedloge): evaluate client K's personalised model on its local test set")
     ev.add_argument("--no-resume", action="store_true", help="start over even if --out has records")
+    ev.add_argument("--shard", default=None, metavar="I/N",
+                    help="evaluate only part I (0-based) of N contiguous parts of the examples, with no "
+                    "communication (a job array); `robustkit merge` joins the parts' results. Under torchrun "
+                    "no flag is needed: the ranks share the batches themselves")
     add_common(ev, out="result JSON; per-example records go next to it as .records.jsonl "
                "(default: results/<model>__<attack>__<dataset>-n<N>-s<seed>.json)", force=True)
     ev.set_defaults(func=cmd_eval)
@@ -312,9 +316,11 @@ def _load_examples(args: argparse.Namespace, dataset: str) -> tuple[Any, Any, di
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """One result per attack of the (comma) list, all on the same examples."""
+    from robustkit.distributed import current
     from robustkit.eval import evaluate
     from robustkit.eval.lock import locked
     from robustkit.eval.outputs import check_early
+    from robustkit.eval.records import rank_path
 
     names = [args.attack] if "," not in args.attack else [a.strip() for a in args.attack.split(",")]
     if len(names) > 1 and (any(not a or a.lower() == "none" for a in names) or len(set(names)) < len(names)):
@@ -333,20 +339,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.out:  # an output that cannot be written or would destroy an input fails before anything loads
         check_early(args, [(p, "--out") for a in names for p in _eval_paths(args, a, len(names), None)])
+    shard = parse_shard(args.shard) if args.shard else None
     s = load_subject(args, check=build)
     outs = [_eval_paths(args, a, len(names), s)[0] for a in names]
     fresh = [_check_eval_output(args, s, None if attack is None else name, out)  # --force over another run
              for name, attack, out in zip(names, attacks, outs, strict=True)]
     results = []
+    job = current()
     with contextlib.ExitStack() as held:  # every records file is ours before the first batch runs
-        for out in outs:
-            held.enter_context(locked(out.with_suffix(".records.jsonl")))
+        for out in outs:  # in a torchrun job each rank writes (and locks) its own records file
+            held.enter_context(locked(rank_path(out.with_suffix(".records.jsonl"), job.rank if job else 0)))
         for name, attack, out, start_over in zip(names, attacks, outs, fresh, strict=True):
             records = out.with_suffix(".records.jsonl")
             result = evaluate(s.model, attack, s.x, s.y, subject=s.subject,
                               attack_name=None if attack is None else name, batch_size=args.batch_size,
                               device=s.device, seed=args.seed, records_path=records,
-                              resume=not (args.no_resume or start_over), progress=progress_enabled(args))
+                              resume=not (args.no_resume or start_over), progress=progress_enabled(args),
+                              shard=shard)
             result.save(out)
             if results:
                 print()
@@ -367,7 +376,18 @@ def _eval_paths(args: argparse.Namespace, name: str, n_attacks: int, s: EvalInpu
     else:
         assert s is not None
         out = default_out(s.subject.model, name, s.subject.dataset, len(s.y), args.seed)
+        if args.shard:  # parts of one evaluation side by side: <stem>.shard<I>of<N>.json
+            i, parts = parse_shard(args.shard)
+            out = out.with_name(f"{out.stem}.shard{i}of{parts}{out.suffix}")
     return [out, out.with_suffix(".records.jsonl")]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/N``: part I (0-based, as Slurm's $SLURM_ARRAY_TASK_ID with --array=0-(N-1)) of N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not int(m.group(2)) > int(m.group(1)) >= 0:
+        raise ConfigError(f"--shard {text!r}: write I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _check_eval_output(args: argparse.Namespace, s: EvalInputs, attack: str | None, out: Path) -> bool:
@@ -378,8 +398,11 @@ def _check_eval_output(args: argparse.Namespace, s: EvalInputs, attack: str | No
     from robustkit.eval.results import RESULT_SCHEMA
 
     inputs = command_inputs(args) + data_inputs(s.subject.data_info)
+    from robustkit.eval.harness import shard_examples
+
+    n = len(shard_examples(len(s.y), parse_shard(args.shard) if args.shard else None))
     fields = {"model": s.subject.name_for(s.model), "attack": attack, "dataset": s.subject.dataset,
-              "n_examples": len(s.y), "seed": args.seed}
+              "n_examples": n, "seed": args.seed}
     ours = same_run(RESULT_SCHEMA, fields)
     check_output(out, inputs=inputs, force=args.force, kind="a result of this evaluation", replaceable=ours)
     check_output(out.with_suffix(".records.jsonl"), inputs=inputs, force=args.force,
@@ -405,7 +428,6 @@ def cmd_curve(args: argparse.Namespace) -> int:
     import warnings
 
     from robustkit.eval.curve import CURVE_SCHEMA, CurveWarning, parse_eps_spec, robustness_curve
-    from robustkit.eval.lock import refuse_if_locked
     from robustkit.eval.outputs import check_early, is_png
 
     grid = parse_eps_spec(args.eps)
@@ -422,9 +444,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     records_dir = out.with_suffix(".records")
     _check_report_outputs(args, s, out, CURVE_SCHEMA, {"attack": args.attack},
                           [(plot, "--plot" if args.plot else "--out", "plot", is_png)], [records_dir])
-    if args.no_resume and records_dir.exists():
-        refuse_if_locked(records_dir)
-        shutil.rmtree(records_dir)
+    _start_over(args.no_resume, records_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CurveWarning)  # printed below as one line each
         curve = robustness_curve(s.model, lambda eps: s.attack(eps=eps), grid, s.x, s.y, subject=s.subject,
@@ -441,7 +461,6 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 def cmd_tradeoff(args: argparse.Namespace) -> int:
     """g, h, fixed-alpha mixtures and the adaptive model (robustkit.eval.tradeoff holds the logic)."""
-    from robustkit.eval.lock import refuse_if_locked
     from robustkit.eval.outputs import check_early, is_png
     from robustkit.eval.tradeoff import (
         TRADEOFF_SCHEMA,
@@ -469,9 +488,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     _check_report_outputs(args, s, out, TRADEOFF_SCHEMA, {"attack": args.attack},
                           [(out.with_suffix(".png"), "--out-dir", "plot", is_png)], [points_dir],
                           flag="--out-dir")
-    if args.no_resume and points_dir.exists():
-        refuse_if_locked(points_dir)
-        shutil.rmtree(points_dir)
+    _start_over(args.no_resume, points_dir)
     result = accuracy_tradeoff(
         s.model, s.attack, alphas, s.x, s.y, subject=s.subject, points_dir=points_dir,
         check_endpoints=args.check_endpoints, command=_tradeoff_command(args, alphas, s),
@@ -503,6 +520,7 @@ def _tradeoff_command(args: argparse.Namespace, alphas: list[float], s: EvalInpu
 
 def cmd_check_masking(args: argparse.Namespace) -> int:
     """The gradient-masking checks (robustkit.eval.masking holds the logic); exit 1 when flagged."""
+    from robustkit.distributed import is_follower
     from robustkit.eval.masking import (
         MARKDOWN_HEAD,
         MASKING_SCHEMA,
@@ -539,8 +557,9 @@ def cmd_check_masking(args: argparse.Namespace) -> int:
         progress=progress_enabled(args), subject=s.subject,
     )
     save_report(report, out)
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(render_markdown(report))
+    if not is_follower():  # in a torchrun job rank 0 writes
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(render_markdown(report))
     print(render_markdown(report))
     print(f"report: {out}\nmarkdown: {md}")
     for flag in report["flags"]:
@@ -549,6 +568,20 @@ def cmd_check_masking(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _start_over(no_resume: bool, folder: Path) -> None:
+    """--no-resume: delete a report's records folder (rank 0 alone in a torchrun job; the others
+    wait for it, so none of them reads or recreates a file that is about to go)."""
+    from robustkit.distributed import current
+    from robustkit.eval.lock import refuse_if_locked
+
+    job = current()
+    if no_resume and folder.exists() and (job is None or job.is_main):
+        refuse_if_locked(folder)
+        shutil.rmtree(folder)
+    if job is not None:
+        job.barrier()
 
 
 # A file written beside a report: its path, the flag that named it, what it is, and a check of its format.

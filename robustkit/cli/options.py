@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -74,20 +75,29 @@ def _positive_int(text: str) -> int:
 @contextlib.contextmanager
 def apply_common(args: argparse.Namespace) -> Iterator[None]:
     """Apply ``--threads`` and ``--quiet`` around a command (and undo them after, for callers
-    that run several commands in one process, such as the tests)."""
+    that run several commands in one process, such as the tests), and join the ``torchrun`` job when
+    the command was launched by one (:func:`robustkit.distributed.session`)."""
+    from robustkit import distributed
+
     threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if getattr(args, "quiet", False):
-        args.no_progress = True
-    try:
-        if getattr(args, "quiet", False):
-            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    with distributed.session(getattr(args, "device", None)) as job:
+        # Under torchrun rank 0 speaks for the job: the others draw no bars, print no summary and
+        # repeat no warning (an error still prints on every rank: each says which rank failed).
+        follower = job is not None and not job.is_main
+        if getattr(args, "quiet", False) or follower:
+            args.no_progress = True
+        try:
+            if getattr(args, "quiet", False) or follower:
+                with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
+                    if follower:
+                        warnings.simplefilter("ignore")
+                    yield
+            else:
                 yield
-        else:
-            yield
-    finally:
-        torch.set_num_threads(threads)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:

@@ -48,10 +48,13 @@ def git_commit(path: str | Path | None = None) -> dict[str, Any]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> CUDA when available, else CPU; anything else as given."""
+    """``auto``/None -> CUDA when available, else CPU; anything else as given (in a torchrun job a
+    bare ``cuda`` is this rank's GPU, ``cuda:LOCAL_RANK``)."""
+    from robustkit.distributed import rank_device
+
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        return rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return rank_device(torch.device(device))
 
 
 def require_device(device: str | torch.device | None) -> torch.device:

@@ -248,8 +248,13 @@ class Curve:
 
 
 def save_figure_atomic(fig: Any, path: str | Path) -> Path:
-    """Write a matplotlib figure as PNG via a temp file + rename: a killed run never leaves half a plot."""
+    """Write a matplotlib figure as PNG via a temp file + rename: a killed run never leaves half a plot
+    (in a torchrun job only rank 0 writes)."""
+    from robustkit.distributed import is_follower
+
     p = Path(path)
+    if is_follower():
+        return p
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:

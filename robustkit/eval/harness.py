@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack, perturbation_norms
-from robustkit.core.errors import BudgetViolationError
+from robustkit.core.errors import BudgetViolationError, ConfigError
 from robustkit.core.modes import module_modes, restore_modes
 from robustkit.core.provenance import provenance, resolve_device
+from robustkit.distributed import Dist, current
 from robustkit.eval.counting import PassCounter
 from robustkit.eval.inputs import CheckedInputs, check_inputs, check_labels_fit
 from robustkit.eval.per_class import result_per_class
@@ -35,7 +36,7 @@ from robustkit.eval.records import RecordStore
 from robustkit.eval.results import EvalResult, StageResult, subject_fields
 from robustkit.eval.subject import Subject, tensor_fingerprint
 
-__all__ = ["evaluate", "tensor_fingerprint"]
+__all__ = ["evaluate", "example_seeds", "shard_examples", "tensor_fingerprint"]
 
 BUDGET_TOLERANCE = 1e-5
 
@@ -54,6 +55,8 @@ def evaluate(
     records_path: str | Path | None = None,
     resume: bool = True,
     progress: bool = True,
+    distributed: bool | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)``, clean and (when ``attack`` is given) under attack.
 
@@ -71,12 +74,21 @@ def evaluate(
         records_path: JSONL file of per-example records; with ``resume`` a run that was killed
             continues where it stopped and produces the same final numbers.
         seed: the only source of randomness; the caller's global RNG state is left untouched.
+        distributed: share the batches among the ranks of a ``torch.distributed`` job (every rank
+            calls ``evaluate`` with the same arguments and gets the same result). None: when the
+            process is in a job of several (``torchrun``); False: alone even then. Each rank writes
+            its own records file beside ``records_path`` (records.py), and the flags equal a
+            one-process run with the same batch size: the batch plan is the same.
+        shard: ``(i, N)``: evaluate only the i-th of N contiguous blocks of the examples (0-based),
+            independently of the other blocks (a job array); ``robustkit merge`` joins the parts.
     """
     started = time.time()
+    job = _job(distributed)
     dev = resolve_device(device)
     inputs = _validate_inputs(model, x, y, batch_size, subject, dev)
     x, y = inputs.x, inputs.y
     n = int(x.shape[0])
+    examples = shard_examples(n, shard)
     subject = subject or Subject()
     protocol = {  # what a records file must match to be resumed
         "model": subject.name_for(model),
@@ -89,7 +101,16 @@ def evaluate(
         "seed": int(seed),
         "batch_size": int(batch_size),
     }
-    store = RecordStore(records_path, protocol, resume=resume)
+    if shard is not None:  # a part is another evaluation: its records never mix with the whole's
+        protocol["shard"] = [int(shard[0]), int(shard[1])]
+    progress = progress and (job is None or job.is_main)
+    store = RecordStore(records_path, protocol, resume=resume, rank=job.rank if job else 0,
+                        world_size=job.world_size if job else 1)
+    try:
+        _load_peers(store, job)
+    except BaseException:
+        store.close()
+        raise
     counter = PassCounter(model)
     stage_names = ["clean", *(attack.stages() if attack else [])]
     # What a resumed batch must agree with before it is trusted (records.py, record_check.py).
@@ -105,26 +126,28 @@ def evaluate(
             for msg in checks.get("warnings", []):
                 run_warnings.append(msg)
                 warnings.warn(msg, stacklevel=2)
-            store.settle("clean", _batches(list(range(n)), batch_size), trust)
-            _run_clean(counter, x, y, dev, batch_size, store, progress)
+            store.settle("clean", _batches(examples, batch_size), trust)
+            _shared(job, store, lambda: _run_clean(counter, examples, x, y, dev, batch_size, store, progress,
+                                                   _share_of(job, store, "clean", examples, batch_size), job))
             if attack is not None:
                 attack.prepare(counter, dev, seed=int(seed))
                 for k, stage in enumerate(stage_names[1:], start=1):
-                    survivors = _survivors(store, stage_names[:k], n)
+                    survivors = _survivors(store, stage_names[:k], examples)
                     store.settle(stage, _batches(survivors, batch_size), trust)
-                    _run_stage(attack, counter, stage, k, survivors, x, y, dev, batch_size, seed,
-                               store, progress)
+                    mine = _share_of(job, store, stage, survivors, batch_size)
+                    _shared(job, store, lambda stage=stage, survivors=survivors, mine=mine: _run_stage(
+                        attack, counter, stage, survivors, x, y, dev, batch_size, seed, store, progress, mine, job))
     finally:  # the records file stays valid for a resume whatever happened
         store.close()
     run_warnings.extend(store.warnings)
 
-    stages = _stage_results(store, stage_names, n)
-    clean = [bool(store.examples[("clean", i)]["correct"]) for i in range(n)]
-    robust = _final_flags(store, stage_names, n) if attack else None
+    stages = _stage_results(store, stage_names, examples)
+    clean = [bool(store.examples[("clean", i)]["correct"]) for i in examples]
+    robust = _final_flags(store, stage_names, examples) if attack else None
     budget = _budget_from_records(store, stage_names[1:], attack) if attack else None
     if attack is not None and budget is not None:
         _gradient_masking_hints(attack, stages, checks, run_warnings)
-    per_class, notes = result_per_class(y, clean, robust, int(checks["num_classes"]), subject.dataset,
+    per_class, notes = result_per_class(y[examples], clean, robust, int(checks["num_classes"]), subject.dataset,
                                         subject.model_info.get("train_class_counts"))
     for msg in notes:
         run_warnings.append(msg)
@@ -139,9 +162,9 @@ def evaluate(
         eps=attack.eps if attack else None,
         seed=int(seed),
         batch_size=int(batch_size),
-        n_examples=n,
-        clean_accuracy=sum(clean) / n,
-        robust_accuracy=(sum(robust) / n) if robust is not None else None,
+        n_examples=len(examples),
+        clean_accuracy=sum(clean) / len(examples),
+        robust_accuracy=(sum(robust) / len(examples)) if robust is not None else None,
         stages=stages,
         clean_flags="".join("1" if c else "0" for c in clean),
         robust_flags="".join("1" if r else "0" for r in robust) if robust is not None else None,
@@ -155,72 +178,164 @@ def evaluate(
         records_path=str(records_path) if records_path else None,
         warnings=run_warnings,
         per_class=per_class,
+        distributed=_job_summary(job, store, stage_names, elapsed) if job else None,
+        shard=({"index": int(shard[0]), "count": int(shard[1]), "examples": [examples[0], examples[-1] + 1],
+                "n_total": n, "labels": y[examples].tolist()}  # labels: merge recomputes per_class
+               if shard is not None else None),
     )
 
 
 # --------------------------------------------------------------------------- stages
 
 
-def _run_clean(model: PassCounter, x: torch.Tensor, y: torch.Tensor, dev: torch.device,
-               batch_size: int, store: RecordStore, progress: bool) -> None:
-    n = x.shape[0]
-    n_batches = -(-n // batch_size)
-    with _bar(n_batches, "clean", progress) as bar:
-        for b in range(n_batches):
-            if store.is_committed("clean", b):
-                bar.update(1)
-                continue
+def _run_clean(model: PassCounter, examples: list[int], x: torch.Tensor, y: torch.Tensor, dev: torch.device,
+               batch_size: int, store: RecordStore, progress: bool, mine: list[int], job: Dist | None) -> None:
+    """The clean pass over this process's batches ``mine`` of ``examples`` cut into batches."""
+    with _bar(len(mine), "clean", progress) as bar:
+        for b in mine:
             t0, (f0, b0) = time.perf_counter(), model.snapshot()
-            lo, hi = b * batch_size, min((b + 1) * batch_size, n)
-            xb, yb = x[lo:hi].to(dev), y[lo:hi].to(dev)
+            idx = examples[b * batch_size:(b + 1) * batch_size]
+            idx_t = torch.tensor(idx, dtype=torch.long)
+            xb, yb = x[idx_t].to(dev), y[idx_t].to(dev)
             with torch.no_grad():
                 pred = model(xb).max(dim=1)[1]
-            recs = [{"i": lo + j, "y": int(yb[j]), "pred": int(pred[j]), "correct": bool(pred[j] == yb[j])}
-                    for j in range(hi - lo)]
+            recs = [{"i": i, "y": int(yb[j]), "pred": int(pred[j]), "correct": bool(pred[j] == yb[j])}
+                    for j, i in enumerate(idx)]
             f1, b1 = model.snapshot()
-            store.write_batch("clean", b, recs, {"seconds": time.perf_counter() - t0,
-                                                 "forward": f1 - f0, "backward": b1 - b0})
+            store.write_batch("clean", b, recs, _stats(t0, f0, b0, model, job))
             bar.update(1)
 
 
-def _survivors(store: RecordStore, done: list[str], n: int) -> list[int]:
+def _survivors(store: RecordStore, done: list[str], examples: list[int]) -> list[int]:
     """Indices correct after every stage in ``done`` (in index order: AutoAttack's batching)."""
-    alive = [bool(store.examples[("clean", i)]["correct"]) for i in range(n)]
+    alive = {i: bool(store.examples[("clean", i)]["correct"]) for i in examples}
     for stage in done[1:]:
-        for i in range(n):
+        for i in examples:
             rec = store.examples.get((stage, i))
             if alive[i] and rec is not None and not rec["robust"]:
                 alive[i] = False
-    return [i for i in range(n) if alive[i]]
+    return [i for i in examples if alive[i]]
 
 
-def _run_stage(attack: Attack, model: PassCounter, stage: str, k: int, survivors: list[int],
+def _run_stage(attack: Attack, model: PassCounter, stage: str, survivors: list[int],
                x: torch.Tensor, y: torch.Tensor, dev: torch.device, batch_size: int, seed: int,
-               store: RecordStore, progress: bool) -> None:
-    n_batches = -(-len(survivors) // batch_size)
-    with _bar(n_batches, stage, progress) as bar:
-        model.on_forward = _liveness(bar, model) if progress and n_batches else None
+               store: RecordStore, progress: bool, mine: list[int], job: Dist | None) -> None:
+    """One attack stage over this process's batches ``mine`` of the survivors cut into batches."""
+    with _bar(len(mine), stage, progress) as bar:
+        model.on_forward = _liveness(bar, model) if progress and mine else None
         try:
-            for b in range(n_batches):
-                if store.is_committed(stage, b):
-                    bar.update(1)
-                    continue
+            for b in mine:
                 t0, (f0, b0) = time.perf_counter(), model.snapshot()
                 idx = survivors[b * batch_size:(b + 1) * batch_size]
                 idx_t = torch.tensor(idx, dtype=torch.long)
                 xb, yb = x[idx_t].to(dev), y[idx_t].to(dev)
-                x_adv = attack.perturb(model, xb, yb, stage=stage, seed=_batch_seed(seed, stage, b)).detach()
+                extra = {"example_seeds": example_seeds(seed, stage, idx)} if attack.batch_invariant else {}
+                x_adv = attack.perturb(model, xb, yb, stage=stage, seed=_batch_seed(seed, stage, b), **extra)
+                x_adv = x_adv.detach()
                 linf, l2 = _check_budget(x_adv, xb, attack, stage, idx)
                 with torch.no_grad():
                     pred = model(x_adv).max(dim=1)[1]
                 recs = [{"i": i, "pred": int(pred[j]), "robust": bool(pred[j] == yb[j]),
                          "linf": float(linf[j]), "l2": float(l2[j])} for j, i in enumerate(idx)]
-                f1, b1 = model.snapshot()
-                store.write_batch(stage, b, recs, {"seconds": time.perf_counter() - t0,
-                                                   "forward": f1 - f0, "backward": b1 - b0})
+                store.write_batch(stage, b, recs, _stats(t0, f0, b0, model, job))
                 bar.update(1)
         finally:  # never leave a callback to a closed bar behind
             model.on_forward = None
+
+
+def _stats(t0: float, f0: int, b0: int, model: PassCounter, job: Dist | None) -> dict[str, Any]:
+    """A batch's commit statistics (and, in a job, the rank that computed it)."""
+    f1, b1 = model.snapshot()
+    out: dict[str, Any] = {"seconds": time.perf_counter() - t0, "forward": f1 - f0, "backward": b1 - b0}
+    if job is not None:
+        out["rank"] = job.rank
+    return out
+
+
+# --------------------------------------------------------------------------- sharing the work
+
+
+def _job(distributed: bool | None) -> Dist | None:
+    """The job whose ranks share this evaluation, or None to run alone (see ``evaluate``)."""
+    if distributed is False:
+        return None
+    job = current()
+    if distributed and job is None:
+        raise ConfigError("evaluate(distributed=True) needs torch.distributed initialised with 2 or more "
+                          "processes: launch with torchrun (see the README, 'More than one GPU or machine')")
+    return job
+
+
+def _load_peers(store: RecordStore, job: Dist | None) -> None:
+    """Every rank reads what every other rank committed, once each has cut its own file's
+    uncommitted tail (barrier before) and before anyone appends to one (barrier after)."""
+    if job is None:
+        store.load_peers()
+        return
+    job.barrier()
+    error: BaseException | None = None
+    try:
+        store.load_peers()
+    except Exception as e:  # a peer file of another evaluation: every rank stops with the reason
+        error = e
+    job.exchange(None, error)
+
+
+def _share_of(job: Dist | None, store: RecordStore, stage: str, examples: list[int],
+              batch_size: int) -> list[int]:
+    """This process's batches of a stage: the uncommitted ones of the single-process batch plan,
+    dealt round-robin over the ranks (every rank derives the same plan from the same records)."""
+    todo = [b for b in range(-(-len(examples) // batch_size)) if not store.is_committed(stage, b)]
+    return todo if job is None else todo[job.rank::job.world_size]
+
+
+def _shared(job: Dist | None, store: RecordStore, work: Callable[[], None]) -> None:
+    """Run this process's share of a stage; in a job, then give every rank every rank's batches, or
+    stop every rank with the error one of them raised (no rank is left waiting for the timeout)."""
+    if job is None:
+        work()
+        return
+    error: BaseException | None = None
+    try:
+        work()
+    except Exception as e:
+        error = e
+    for rank, batches in enumerate(job.exchange(store.take_new(), error)):
+        if rank != job.rank:
+            store.adopt(batches)
+
+
+def _job_summary(job: Dist, store: RecordStore, stage_names: list[str], elapsed: float) -> dict[str, Any]:
+    """World size and each rank's share of the batches (resumed ones under the rank that did them)."""
+    shares = {r: {"rank": r, "batches": 0, "forward": 0, "backward": 0, "seconds": 0.0}
+              for r in range(job.world_size)}
+    for (stage, _), c in store.commits.items():
+        if stage in stage_names:
+            share = shares.setdefault(int(c.get("rank", 0)), {"rank": int(c.get("rank", 0)), "batches": 0,
+                                                              "forward": 0, "backward": 0, "seconds": 0.0})
+            share["batches"] += 1
+            share["forward"] += int(c["forward"])
+            share["backward"] += int(c["backward"])
+            share["seconds"] += float(c["seconds"])
+    return {"world_size": job.world_size, "backend": job.backend, "wall_seconds": elapsed,
+            "ranks": [shares[r] for r in sorted(shares)]}
+
+
+def shard_examples(n: int, shard: tuple[int, int] | None) -> list[int]:
+    """The examples of part ``i`` of ``N`` (contiguous, sizes differing by at most one), or all."""
+    if shard is None:
+        return list(range(n))
+    i, parts = shard
+    if isinstance(i, bool) or isinstance(parts, bool) or not (0 <= int(i) < int(parts) <= n):
+        raise ConfigError(f"shard {i}/{parts}: need 0 <= i < N <= the {n} examples")
+    return list(range(int(i) * n // int(parts), (int(i) + 1) * n // int(parts)))
+
+
+def example_seeds(seed: int, stage: str, idx: list[int]) -> torch.Tensor:
+    """One 63-bit seed per example from (run seed, stage, example index): randomness that does not
+    depend on the batch an example lands in, so its result is the same at any batch size, order or
+    sharding (for attacks that declare ``batch_invariant``)."""
+    return torch.tensor([_batch_seed(seed, stage, f"example-{i}") for i in idx], dtype=torch.long)
 
 
 def _liveness(bar: Any, model: PassCounter, every: float = 0.5) -> Callable[[], None]:
@@ -273,7 +388,7 @@ def _batches(indices: list[int], batch_size: int) -> list[list[int]]:
     return [indices[lo:lo + batch_size] for lo in range(0, len(indices), batch_size)]
 
 
-def _batch_seed(seed: int, stage: str, batch: int) -> int:
+def _batch_seed(seed: int, stage: str, batch: int | str) -> int:
     digest = hashlib.sha256(f"{seed}:{stage}:{batch}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
@@ -281,20 +396,20 @@ def _batch_seed(seed: int, stage: str, batch: int) -> int:
 # --------------------------------------------------------------------------- summaries
 
 
-def _final_flags(store: RecordStore, stage_names: list[str], n: int) -> list[bool]:
-    alive = set(_survivors(store, stage_names, n))
-    return [i in alive for i in range(n)]
+def _final_flags(store: RecordStore, stage_names: list[str], examples: list[int]) -> list[bool]:
+    alive = set(_survivors(store, stage_names, examples))
+    return [i in alive for i in examples]
 
 
-def _stage_results(store: RecordStore, stage_names: list[str], n: int) -> list[StageResult]:
+def _stage_results(store: RecordStore, stage_names: list[str], examples: list[int]) -> list[StageResult]:
     out = []
     for k, stage in enumerate(stage_names):
         commits = store.stage_commits(stage)
-        alive = _survivors(store, stage_names[: k + 1], n)
+        alive = _survivors(store, stage_names[: k + 1], examples)
         attacked = [r for (s, _), r in store.examples.items() if s == stage]
         out.append(StageResult(
             name=stage,
-            accuracy=len(alive) / n,
+            accuracy=len(alive) / len(examples),
             n_attacked=len(attacked),
             n_broken=sum(1 for r in attacked if not r.get("robust", r.get("correct", True))),
             seconds=sum(c["seconds"] for c in commits),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,11 +38,36 @@ def protocol_hash(protocol: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class RecordStore:
-    """Committed batches and per-example records of one evaluation, optionally on disk."""
+def rank_path(path: str | Path, rank: int) -> Path:
+    """The records file rank ``rank`` of a torchrun job writes: rank 0 the path given, rank r
+    ``<stem>.rank<r><suffix>`` beside it (``r.records.jsonl`` -> ``r.records.rank1.jsonl``)."""
+    p = Path(path)
+    return p if rank == 0 else p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
 
-    def __init__(self, path: str | Path | None, protocol: dict[str, Any], *, resume: bool = True):
-        self.path = Path(path) if path is not None else None
+
+def rank_files(path: str | Path) -> list[tuple[int, Path]]:
+    """The rank files (r >= 1) beside ``path`` that exist, as (rank, path) by rank: what a job left."""
+    p = Path(path)
+    pattern = re.compile(re.escape(p.stem) + r"\.rank([1-9][0-9]*)" + re.escape(p.suffix))
+    found = [(int(m.group(1)), q) for q in p.parent.glob(f"{p.stem}.rank*{p.suffix}")
+             if (m := pattern.fullmatch(q.name))] if p.parent.is_dir() else []
+    return sorted(found)
+
+
+class RecordStore:
+    """Committed batches and per-example records of one evaluation, optionally on disk.
+
+    In a torchrun job every rank writes its own file (:func:`rank_path`) and reads the others'
+    (:meth:`load_peers`): the batches any rank committed count for all, so a job relaunched with
+    another world size, or a single process after a job, resumes from all of them.
+    """
+
+    def __init__(self, path: str | Path | None, protocol: dict[str, Any], *, resume: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        self.base = Path(path) if path is not None else None
+        self.path = rank_path(path, rank) if path is not None else None
+        self.resume = resume
+        self._new: list[tuple[str, int, list[dict[str, Any]], dict[str, Any]]] = []  # written here, unshared
         self.protocol = protocol
         self.hash = protocol_hash(protocol)
         self.examples: dict[tuple[str, int], dict[str, Any]] = {}
@@ -60,6 +86,11 @@ class RecordStore:
             if resume and self.path.exists() and self.path.stat().st_size > 0:
                 self._load()
             else:
+                if rank == 0 and not resume:  # starting over: no earlier job's rank file may be resumed later
+                    for r, stale in rank_files(self.path):
+                        if r >= world_size:
+                            with lock.locked(stale):
+                                stale.unlink(missing_ok=True)
                 header = {"type": "header", "version": RECORDS_VERSION, "protocol_hash": self.hash,
                           "protocol": protocol}
                 lock.create_exclusive(self.path, (json.dumps(header, sort_keys=True) + "\n").encode())
@@ -73,22 +104,36 @@ class RecordStore:
         every batch found for :meth:`settle` to check; nothing is trusted yet."""
         assert self.path is not None
         raw = self.path.read_bytes()
-        version = self._check_header(raw)
-        found = scan(raw, str(self.path), self.hash, version)
+        found = self._read(self.path, raw)
         if found.keep_bytes < len(raw):  # drop an uncommitted tail left by a killed run
             with open(self.path, "r+b") as f:
                 f.truncate(found.keep_bytes)
+        self._last_sha = found.last_sha
+
+    def load_peers(self) -> None:
+        """Take, as candidates like our own, the batches the other ranks' files committed (read only:
+        a peer's uncommitted tail is its own to cut). In a job every rank calls this after all have
+        opened their own file and before any writes (the harness puts barriers around it)."""
+        if self.base is None or not self.resume:
+            return
+        for peer in [self.base, *(q for _, q in rank_files(self.base))]:
+            if peer != self.path and peer.exists() and peer.stat().st_size > 0:
+                self._read(peer, peer.read_bytes())
+
+    def _read(self, path: Path, raw: bytes) -> Any:
+        """Scan one records file of this evaluation into the candidates; returns the scan."""
+        found = scan(raw, str(path), self.hash, self._check_header(raw, path))
         for b in found.batches:
             self._candidates.setdefault((b.stage, b.batch), []).append(b)
-        self._last_sha = found.last_sha
         for msg in found.problems:
             self._warn(msg)
         if found.unverified:
-            self._warn(f"{self.path}: {found.unverified} batch(es) in records format 1 carry no checksum: they "
+            self._warn(f"{path}: {found.unverified} batch(es) in records format 1 carry no checksum: they "
                        "are checked against the data, the threat model and each other, but an edit that keeps "
                        "them consistent cannot be detected")
+        return found
 
-    def _check_header(self, raw: bytes) -> int:
+    def _check_header(self, raw: bytes, path: Path) -> int:
         """The records format version of ``raw``, whose header must record this evaluation."""
         first, newline, _ = raw.partition(b"\n")
         try:
@@ -97,17 +142,17 @@ class RecordStore:
             header = None
         if not isinstance(header, dict) or header.get("type") != "header":
             raise ConfigError(
-                f"{self.path}:1: not a robustkit records header; choose another --out or pass --no-resume"
+                f"{path}:1: not a robustkit records header; choose another --out or pass --no-resume"
             )
         version = header.get("version")
         if version not in (1, RECORDS_VERSION) or isinstance(version, bool):
-            raise ConfigError(f"{self.path}:1: records format {version!r} is not one this robustkit reads "
+            raise ConfigError(f"{path}:1: records format {version!r} is not one this robustkit reads "
                               f"(1 to {RECORDS_VERSION}); use another --out, or --no-resume to start over")
         if header.get("protocol_hash") != self.hash:
             old = header.get("protocol") if isinstance(header.get("protocol"), dict) else {}
             diff = sorted(k for k in set(old) | set(self.protocol) if old.get(k) != self.protocol.get(k))
             raise ConfigError(
-                f"{self.path} records a different evaluation (differs in: {', '.join(diff) or 'format'}); "
+                f"{path} records a different evaluation (differs in: {', '.join(diff) or 'format'}); "
                 "use another --out, or --no-resume to start over"
             )
         return int(version)
@@ -157,6 +202,7 @@ class RecordStore:
                   "prev": self._last_sha}
         commit["sha256"] = self._last_sha = batch_checksum(records, commit)
         self.commits[(stage, batch)] = commit
+        self._new.append((stage, batch, records, commit))
         if self._fd is None:
             return
         payload = "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*records, commit]).encode()
@@ -165,6 +211,18 @@ class RecordStore:
             written = os.write(self._fd, view)
             view = view[written:]
         os.fsync(self._fd)
+
+    def take_new(self) -> list[tuple[str, int, list[dict[str, Any]], dict[str, Any]]]:
+        """The batches written since the last call (what this rank shares at the end of a stage)."""
+        new, self._new = self._new, []
+        return new
+
+    def adopt(self, batches: Sequence[tuple[str, int, list[dict[str, Any]], dict[str, Any]]]) -> None:
+        """Take batches another rank of the job computed (they are in its own file, not ours)."""
+        for stage, batch, records, commit in batches:
+            for r in records:
+                self.examples[(stage, r["i"])] = r
+            self.commits[(stage, batch)] = commit
 
     def stage_commits(self, stage: str) -> list[dict[str, Any]]:
         return [c for (s, _), c in sorted(self.commits.items(), key=lambda kv: kv[0][1]) if s == stage]

@@ -71,9 +71,17 @@ class EvalResult:
     # clean/robust accuracy per class, balanced accuracy and many/medium/few-shot groups
     # (robustkit.eval.per_class); None in results written before it existed
     per_class: dict[str, Any] | None = None
+    # a torchrun job: world size, backend and each rank's share (batches, passes, seconds); absent
+    # from a one-process result (robustkit.eval.harness)
+    distributed: dict[str, Any] | None = None
+    # one part of a --shard i/N run: which examples; `robustkit merge` joins the parts
+    shard: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        for key in ("distributed", "shard"):  # one-process, whole-data results keep their old keys
+            if d[key] is None:
+                del d[key]
         out: dict[str, Any] = {"schema": RESULT_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION}
         out.update(d)
         out["eps_str"] = format_eps(self.eps) if self.eps is not None else None
@@ -117,6 +125,16 @@ class EvalResult:
         if self.robust_accuracy is not None:
             tail += f"\nrobust accuracy {100 * self.robust_accuracy:6.2f}%"
         tail += f"   ({_fmt_seconds(self.timing['total_seconds'])} on {self.provenance.get('device')})"
+        if self.distributed:
+            ranks = self.distributed["ranks"]
+            tail += (f"\n{self.distributed['world_size']} ranks ({self.distributed['backend']}), "
+                     f"{_fmt_seconds(self.distributed['wall_seconds'])} wall; batches per rank "
+                     + " / ".join(str(r["batches"]) for r in ranks) + ", busy "
+                     + " / ".join(_fmt_seconds(r["seconds"]) for r in ranks))
+        if self.shard:
+            lo, hi = self.shard["examples"]
+            tail += (f"\nshard {self.shard['index']}/{self.shard['count']}: examples {lo}..{hi - 1} of "
+                     f"{self.shard['n_total']} (`robustkit merge` joins the parts)")
         return "\n".join([head, "", *lines, "", tail, *_per_class_lines(self.per_class)])
 
 
@@ -178,8 +196,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
 
     Whatever fails (a folder in the way, a full disk, an object JSON cannot hold) leaves no temp
     file behind; a file system error is one line (ConfigError), not a traceback after the work.
+    In a torchrun job only rank 0 writes (every rank holds the same merged result).
     """
+    from robustkit.distributed import is_follower
+
     p = Path(path)
+    if is_follower():
+        return p
     tmp: str | None = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
