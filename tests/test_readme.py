@@ -41,6 +41,8 @@ def test_every_readme_cli_line_parses():
         for line in block.splitlines():
             for seg in line.split("#")[0].split("&&"):
                 seg = re.sub(r"^\s*(\w+=\S+\s+)*", "", seg).strip()  # drop VAR=value prefixes
+                if seg.startswith("torchrun ") and " -m robustkit " in seg:  # the command torchrun runs
+                    seg = "robustkit " + seg.split(" -m robustkit ", 1)[1]
                 if seg.startswith("robustkit "):
                     cmds.append(seg)
     assert len(cmds) >= 6

@@ -272,7 +272,11 @@ def _load_peers(store: RecordStore, job: Dist | None) -> None:
     if job is None:
         store.load_peers()
         return
-    job.barrier()
+    hashes = job.exchange(store.hash, None)
+    if len(set(hashes)) > 1:  # same command on every rank, or the shared batches would mix two runs
+        other = next(r for r, h in enumerate(hashes) if h != hashes[0])
+        raise ConfigError(f"rank {other} of {job.world_size} evaluates something else than rank 0 (another "
+                          "model, attack, data, seed or batch size): every rank must run the same command")
     error: BaseException | None = None
     try:
         store.load_peers()
