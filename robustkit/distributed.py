@@ -149,6 +149,25 @@ def session(device: str | None = "auto") -> Iterator[Dist | None]:
         dist.destroy_process_group()
 
 
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block before the others do (alone: just runs it): a first download of data
+    or weights into a shared cache happens once, not once per rank into the same file."""
+    job = current()
+    if job is None:
+        yield
+        return
+    if not job.is_main:
+        job.exchange(None, None)  # raises PeerFailedError when rank 0's turn failed
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        job.exchange(None, e)  # the others learn why and stop too; re-raises e here
+    job.exchange(None, None)
+
+
 def is_follower() -> bool:
     """True on every rank but 0 of a job: those compute their share and write no output file."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() != 0

@@ -235,6 +235,7 @@ def load_subject(args: argparse.Namespace,
     """Model, attack factory and the first N examples, in that order: ``check(attack, loaded)`` runs
     before the data loads, so a bad attack name or parameter costs no data loading."""
     from robustkit.core.provenance import require_device
+    from robustkit.distributed import main_first
     from robustkit.eval.inputs import check_model_data, expected_input_shape
     from robustkit.eval.subject import Subject
     from robustkit.models import load_model
@@ -259,7 +260,8 @@ def load_subject(args: argparse.Namespace,
     if model_source(args.model) is not None:  # a foreign zoo: which benchmark, where its weights live
         options = {"dataset": args.dataset or "cifar10", "threat_model": args.norm,
                    "model_dir": args.rb_model_dir, "download": not args.no_download}
-    loaded = load_model(args.model, device=device, **options)
+    with main_first():  # a first download (rb: weights, the dataset) happens once, on rank 0
+        loaded = load_model(args.model, device=device, **options)
     dataset = args.dataset or loaded.dataset or "cifar10"
     attack = AttackFactory(args.attack, args.norm, args.eps, dataset, params)
     if check is not None:
@@ -269,7 +271,8 @@ def load_subject(args: argparse.Namespace,
 
         x, y, data_info, dataset_name = local_test_examples(loaded, args, dataset)
     else:
-        x, y, data_info, dataset_name = _load_examples(args, dataset)
+        with main_first():
+            x, y, data_info, dataset_name = _load_examples(args, dataset)
     other_dataset = check_model_data(loaded, x, y, data_name=dataset_name,
                                      dataset=None if args.data_file else dataset)  # refuses a mismatch
     if other_dataset:
