@@ -44,11 +44,28 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``subprocess.run`` that, on a timeout, kills the whole process group (torchrun's workers too)."""
+    proc = _popen(cmd, cwd, env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _popen(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 def _torchrun(args: list[str], cwd: Path, *, nproc: int = 2, launcher: list[str] | None = None,
               env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", *(launcher or ["--standalone"]),
            f"--nproc-per-node={nproc}", "-m", "robustkit", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    return _run(cmd, cwd, env or _env(), timeout)
 
 
 def _eval_args(ckpt: Path, attack: str, out: str, *extra: str) -> list[str]:
@@ -136,9 +153,13 @@ def test_two_nodes_on_a_localhost_rendezvous(single, tiny_checkpoint, tmp_path):
                 f"--rdzv-id={uuid.uuid4().hex[:8]}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node=1", "-m", "robustkit",
            *_eval_args(tiny_checkpoint, "pgd", "r.json")]
-    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=240) for p in nodes]
+    nodes = [_popen(cmd, tmp_path, _env()) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
     job = json.loads((tmp_path / "r.json").read_text())
     _same_flags(job, single["pgd"])
@@ -157,6 +178,8 @@ def _kill_rank1_when(records: Path, stage: str, proc: subprocess.Popen, at_least
                 os.kill(pid, signal.SIGKILL)
                 return
         time.sleep(0.02)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError("the job finished before rank 1 could be killed; make it longer")
 
 
@@ -166,8 +189,8 @@ LONG = ["--attack-arg", "steps=150", "--eps", "1/255"]  # slow enough to be kill
 @pytest.fixture(scope="module")
 def single_long(tiny_checkpoint, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("single_long")
-    done = subprocess.run([sys.executable, "-m", "robustkit", *_eval_args(tiny_checkpoint, "pgd", "r.json", *LONG)],
-                          cwd=folder, env=_env(), capture_output=True, text=True, timeout=240)
+    done = _run([sys.executable, "-m", "robustkit", *_eval_args(tiny_checkpoint, "pgd", "r.json", *LONG)],
+                folder, _env())
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads((folder / "r.json").read_text())
 
@@ -175,7 +198,15 @@ def single_long(tiny_checkpoint, tmp_path_factory) -> dict:
 def _launch(tiny_checkpoint: Path, folder: Path, *launcher: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", *launcher, "--nproc-per-node=2",
            "-m", "robustkit", *_eval_args(tiny_checkpoint, "pgd", "r.json", *LONG)]
-    return subprocess.Popen(cmd, cwd=folder, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _popen(cmd, folder, _env())
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _check_resumed(folder: Path, single_long: dict) -> None:
@@ -189,10 +220,10 @@ def _check_resumed(folder: Path, single_long: dict) -> None:
 def test_sigkill_of_one_rank_then_relaunch_gives_the_identical_result(single_long, tiny_checkpoint, tmp_path):
     proc = _launch(tiny_checkpoint, tmp_path)
     _kill_rank1_when(tmp_path / "r.records.rank1.jsonl", "pgd", proc)
-    _, err = proc.communicate(timeout=120)
+    _, err = _finish(proc)
     assert proc.returncode != 0 and not (tmp_path / "r.json").exists(), err[-2000:]
     again = _launch(tiny_checkpoint, tmp_path)
-    _, err = again.communicate(timeout=240)
+    _, err = _finish(again)
     assert again.returncode == 0, err[-2000:]
     _check_resumed(tmp_path, single_long)
 
@@ -200,7 +231,7 @@ def test_sigkill_of_one_rank_then_relaunch_gives_the_identical_result(single_lon
 def test_elastic_restart_after_a_killed_rank(single_long, tiny_checkpoint, tmp_path):
     proc = _launch(tiny_checkpoint, tmp_path, "--max-restarts=1")
     _kill_rank1_when(tmp_path / "r.records.rank1.jsonl", "pgd", proc)
-    _, err = proc.communicate(timeout=240)
+    _, err = _finish(proc)
     assert proc.returncode == 0, err[-2000:]
     _check_resumed(tmp_path, single_long)
 
@@ -355,12 +386,10 @@ def test_python_api_and_tradeoff_under_torchrun(tmp_path):
     script = tmp_path / "api.py"
     script.write_text(API_SCRIPT)
     tests = str(Path(__file__).resolve().parent)
-    alone = subprocess.run([sys.executable, str(script), tests, str(tmp_path / "one.json"), "alone"],
-                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    alone = _run([sys.executable, str(script), tests, str(tmp_path / "one.json"), "alone"], tmp_path, _env())
     assert alone.returncode == 0, alone.stderr[-2000:]
-    job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(script), tests, str(tmp_path / "two.json")],
-                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    job = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                str(script), tests, str(tmp_path / "two.json")], tmp_path, _env())
     assert job.returncode == 0, job.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert one["flags"] == two["flags"] and one["trade"] == two["trade"]
