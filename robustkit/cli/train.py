@@ -22,6 +22,7 @@ examples:
   robustkit train --recipe defenses/ltd.cifar10_partial.toml --out runs/ltd   # a shipped file's recipe
   robustkit train --recipe defenses/ltd.toml --set epochs=2 --out runs/ltd_short
   robustkit train lightweight_cnn --dataset mnist --print-config   # the resolved config, as TOML
+  torchrun --nproc-per-node 4 -m robustkit train pgd_at --recipe defenses/pgd_at.toml --out runs/pgd_at
 """
 
 
@@ -30,7 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "train", add_help=False, help="train a registered producer (`robustkit train --list`)",
         description="Train a registered producer. Its config resolves in layers: the trainer's defaults, "
         "then --recipe R.toml, then each --set KEY=VALUE, then --seed/--dataset; the resolved config is "
-        "recorded in the checkpoint it writes (OUT.safetensors + OUT.json).",
+        "recorded in the checkpoint it writes (OUT.safetensors + OUT.json). Under torchrun (`torchrun "
+        "--nproc-per-node N -m robustkit train ...`) the adversarial trainers (pgd_at, trades, fast_at, ltd) and "
+        "airbench train one model data-parallel: batch_size stays the global batch, and rank 0 writes the "
+        "checkpoint. The adversarial trainers keep OUT.resume.safetensors until they finish: the same command "
+        "continues a killed run from its last finished epoch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tr.add_argument("name", nargs="?", default=None,
@@ -50,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from robustkit.core.config import read_recipe, resolve_config
     from robustkit.core.provenance import require_device
+    from robustkit.distributed import current
+    from robustkit.train._ddp import on_main
     from robustkit.train.base import RunOptions, get_trainer, list_trainers
 
     if args.list:
@@ -81,8 +88,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(to_toml(trainer.name, config))
         return 0
+    job = current()
+    # A trainer with the sync_bn field trains data-parallel; any other would train W copies and write one file W times.
+    if job is not None and "sync_bn" not in settable:
+        raise ConfigError(f"trainer {trainer.name} does not train data-parallel under torchrun (the adversarial trainers "
+                          "and airbench do); run it as one process")
     out = Path(args.out) if args.out else Path("runs") / trainer.name
-    _refuse_overwrite(out, args.force, _train_inputs(args, config))
+    # rank 0 alone checks (the check probes the folder with a file): the others write nothing
+    on_main(job, lambda: _refuse_overwrite(out, args.force, _train_inputs(args, config)))
     run = RunOptions(out=out, device=require_device(args.device), data_dir=args.data_dir,
                      download=not args.no_download, progress=progress_enabled(args))
     checkpoint = trainer(config, run)

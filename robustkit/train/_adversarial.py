@@ -18,18 +18,27 @@ and each trainer file only says which ones it takes (a :class:`Method`) plus its
 config into a measured checkpoint around it. The loop is device-agnostic and reproducible: one
 local ``torch.Generator`` drives data order, augmentation and attack starts, so two runs with the
 same seed give the same weights on the same machine without touching the global RNG.
+
+Under ``torchrun`` the loop is data-parallel (:mod:`robustkit.train._ddp`): ``batch_size`` is the
+global batch, every rank draws the whole batch's random numbers and trains on its share, so W
+processes give one process's weights up to float rounding (exactly so without BatchNorm). A run
+writing a checkpoint keeps a per-epoch resume state beside it; the same command continues a killed
+run from its last finished epoch, with the weights an uninterrupted run gives.
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -41,7 +50,20 @@ from robustkit.core.errors import ConfigError, close_matches_hint
 from robustkit.core.modes import kept_modes, module_modes, restore_modes
 from robustkit.core.provenance import training_run
 from robustkit.core.threat import format_eps, parse_eps
-from robustkit.train._loop import RunningStats, crop_flip, decay_groups, epoch_batches, index_ranges, set_lr
+from robustkit.distributed import Dist, current
+from robustkit.train import _ddp
+from robustkit.train._loop import (
+    RunningStats,
+    crop_flip,
+    decay_groups,
+    epoch_batches,
+    index_ranges,
+    load_resume,
+    read_resume,
+    resume_path,
+    save_resume,
+    set_lr,
+)
 from robustkit.train.base import RunOptions
 
 FRAMEWORKS = ("pgd_at", "trades")
@@ -115,6 +137,10 @@ class AdversarialConfig:
     awp_gamma: float = 5e-3
     awp_warmup: int = 0
 
+    # Under torchrun: BatchNorm statistics of the whole global batch (SyncBatchNorm, CUDA only) instead
+    # of each process's share of it. Ignored by a single process.
+    sync_bn: bool = False
+
     def __post_init__(self) -> None:
         parse_eps_field("eps", self.eps)
         if self.alpha != "auto":
@@ -178,8 +204,17 @@ class Method:
 # --------------------------------------------------------------------------------------------
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Batch mean of ``-sum_k p_k log q_k`` with ``q = softmax(logits)``.
+def batch_mean(per_example: torch.Tensor, mean_over: int | None = None) -> torch.Tensor:
+    """The mean of ``per_example``, or its sum divided by ``mean_over``: a data-parallel rank
+    attacking its share of a global batch of ``mean_over`` then gets, bit for bit, the input
+    gradients one process gets from the global batch's mean (both backward passes hand each example
+    ``1 / mean_over``; a mean over the share would hand it ``1 / share``, and TRADES' KL gradients
+    near x' = x are small enough for that rounding to flip signs)."""
+    return per_example.mean() if mean_over is None else per_example.sum() / mean_over
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mean_over: int | None = None) -> torch.Tensor:
+    """Batch mean of ``-sum_k p_k log q_k`` with ``q = softmax(logits)`` (``mean_over``: :func:`batch_mean`).
 
     ``targets`` are class indices (int, shape N) or distributions (float, N x K). Indices become
     one-hot rows and go through the *same* arithmetic, so one-hot soft labels give bit-identical
@@ -191,18 +226,19 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     else:
         p = targets.to(log_q.dtype)
     # where(): a zero-probability class must add 0, not 0 * (-inf) = nan, when a logit saturates.
-    return -torch.where(p > 0, p * log_q, torch.zeros_like(log_q)).sum(1).mean()
+    return batch_mean(-torch.where(p > 0, p * log_q, torch.zeros_like(log_q)).sum(1), mean_over)
 
 
-def kl_div(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
-    """Batch mean of KL(softmax(logits_p) || softmax(logits_q)), TRADES' robustness term.
+def kl_div(logits_p: torch.Tensor, logits_q: torch.Tensor, mean_over: int | None = None) -> torch.Tensor:
+    """Batch mean of KL(softmax(logits_p) || softmax(logits_q)), TRADES' robustness term
+    (``mean_over``: :func:`batch_mean`).
 
     Written out in log space (not ``F.kl_div``) so the direction is unambiguous: p is the clean
     prediction, q the adversarial one; gradients flow into both unless the caller detaches p.
     """
     log_p = F.log_softmax(logits_p, dim=1)
     log_q = F.log_softmax(logits_q, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    return batch_mean((log_p.exp() * (log_p - log_q)).sum(1), mean_over)
 
 
 def framework_loss(model: nn.Module, framework: str, x: torch.Tensor, x_adv: torch.Tensor,
@@ -286,13 +322,17 @@ def attack_mode(model: nn.Module, bn: str = "eval") -> Iterator[None]:
 
 def inner_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, objective: str = "ce", norm: str = "Linf",
               eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10, start: str = "uniform",
-              gen: torch.Generator | None = None, bn: str = "eval") -> torch.Tensor:
+              gen: torch.Generator | None = None, bn: str = "eval", x_init: torch.Tensor | None = None,
+              mean_over: int | None = None) -> torch.Tensor:
     """PGD: adversarial inputs in the ``norm`` eps-ball around ``x`` and in [0, 1] (detached).
 
     ``objective="ce"`` maximises CE(f(x'), y) (``y``: indices or distributions); ``"kl"`` maximises
     KL(f(x) || f(x')) (TRADES; ``y`` unused). Each step (see :func:`_ascent`) is followed by the
     projection. BatchNorm runs in mode ``bn`` (:func:`attack_mode`). Gradients are taken w.r.t. the
-    input only (``torch.autograd.grad``), so the parameters' ``.grad`` are untouched.
+    input only (``torch.autograd.grad``), so the parameters' ``.grad`` are untouched. ``x_init``: the
+    random start, drawn by the caller (a data-parallel rank draws the whole global batch's starts and
+    passes its share); None draws ``start`` from ``gen`` here. ``mean_over``: the global batch size
+    of such a share (:func:`batch_mean`).
     """
     if objective not in ("ce", "kl"):
         raise ConfigError(f"unknown inner objective {objective!r}; choose ce or kl")
@@ -304,11 +344,12 @@ def inner_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, objective: 
         if objective == "kl":
             with torch.no_grad():
                 clean_logits = model(x)
-        x_adv = random_start(x, norm, eps, start, gen)
+        x_adv = random_start(x, norm, eps, start, gen) if x_init is None else x_init.detach().clone()
         for _ in range(steps):
             x_adv.requires_grad_(True)
             out = model(x_adv)
-            loss = soft_cross_entropy(out, y) if clean_logits is None else kl_div(clean_logits, out)
+            loss = (soft_cross_entropy(out, y, mean_over) if clean_logits is None
+                    else kl_div(clean_logits, out, mean_over))
             (g,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
                 x_adv = _project(x_adv + _ascent(g, norm, alpha), x, norm, eps)
@@ -316,9 +357,11 @@ def inner_max(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, objective: 
 
 
 def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "Linf", eps: float = 8 / 255,
-            alpha: float = 10 / 255, gen: torch.Generator | None = None, bn: str = "eval") -> torch.Tensor:
+            alpha: float = 10 / 255, gen: torch.Generator | None = None, bn: str = "eval",
+            x_init: torch.Tensor | None = None, mean_over: int | None = None) -> torch.Tensor:
     """Fast AT's attack (Wong, Rice & Kolter 2020): one step up CE(f(x + delta), y) from a uniform
     random start delta in the eps-ball; the random start is what makes a single step work.
+    ``x_init``, ``mean_over``: the start drawn by the caller and the global batch size, as in :func:`inner_max`.
 
     Written in delta space as their code is (start clipped to the image box, step clipped to the
     ball, x + delta clipped to the box), which is the arithmetic the shipped
@@ -328,8 +371,9 @@ def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str = "
         return x.detach().clone()
     x = x.detach()
     with attack_mode(model, bn):
-        delta = (random_start(x, norm, eps, "uniform", gen) - x).requires_grad_(True)
-        (g,) = torch.autograd.grad(soft_cross_entropy(model(x + delta), y), delta)
+        start = random_start(x, norm, eps, "uniform", gen) if x_init is None else x_init.detach()
+        delta = (start - x).requires_grad_(True)
+        (g,) = torch.autograd.grad(soft_cross_entropy(model(x + delta), y, mean_over), delta)
     with torch.no_grad():
         delta = delta.detach() + _ascent(g, norm, alpha)
         if norm == "Linf":
@@ -364,12 +408,16 @@ class AWP:
         optimizer.step()
     """
 
-    def __init__(self, model: nn.Module, gamma: float = 5e-3) -> None:
+    def __init__(self, model: nn.Module, gamma: float = 5e-3,
+                 reduce: Callable[[Sequence[torch.Tensor]], None] | None = None) -> None:
         if gamma < 0:
             raise ConfigError(f"AWP gamma must be >= 0, got {gamma}")
         self.model = model
         self.gamma = gamma
         self.proxy = copy.deepcopy(model)
+        # Data-parallel: sums the ranks' (weighted) gradients in place, so every rank perturbs by the
+        # global batch's gradient, as one process would.
+        self.reduce = reduce
         self._saved: list[tuple[nn.Parameter, torch.Tensor]] = []
 
     @staticmethod
@@ -383,6 +431,8 @@ class AWP:
         self.proxy.load_state_dict(self.model.state_dict())
         self.proxy.train(self.model.training)
         grads = torch.autograd.grad(loss_fn(self.proxy), self._weights(self.proxy))
+        if self.reduce is not None:
+            self.reduce(grads)
         with torch.no_grad():
             for w, g in zip(self._weights(self.model), grads, strict=True):
                 self._saved.append((w, w.detach().clone()))
@@ -471,17 +521,34 @@ def default_milestones(epochs: int) -> list[int]:
     return [epochs // 2, (3 * epochs) // 4]
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, norm: str,
+def draw_start(x: torch.Tensor, norm: str, eps: float, method: Method, gen: torch.Generator) -> torch.Tensor | None:
+    """The random starts of ``method``'s inner maximisation for a whole (global) batch, drawn from
+    ``gen`` exactly when and as :func:`inner_max` / :func:`fgsm_rs` would draw them (None: they
+    draw nothing). Every rank draws them all and attacks from its share of them."""
+    if eps == 0 or (method.inner == "pgd" and method.steps == 0):
+        return None
+    return random_start(x.detach(), norm, eps, method.start, gen)
+
+
+def _train_step(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, norm: str,
                 eps: float, alpha: float, method: Method, gen: torch.Generator, targets_fn: TargetsFn | None,
-                awp: AWP | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch: attack it, take the framework's loss (at AWP-perturbed weights), step. Returns
-    the loss and the logits on the adversarial batch."""
+                awp: AWP | None, job: Dist | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One global batch: draw its attack starts, attack this rank's share, take the framework's loss
+    (at AWP-perturbed weights), step. Returns the share's mean loss, its logits on the adversarial
+    inputs and its labels. ``net`` is the model, or its DDP wrapper in a job."""
+    model = _ddp.unwrap(net)  # attacks need input gradients only: nothing to reduce across ranks
+    start = draw_start(x, norm, eps, method, gen)
+    part = _ddp.share(len(x), job)
+    weight = _ddp.loss_weight(len(x[part]), len(x), job)
+    mean_over = None if job is None else len(x)
+    x, y, x_init = x[part], y[part], None if start is None else start[part]
     if method.inner == "fgsm-rs":
-        x_adv = fgsm_rs(model, x, y, norm=norm, eps=eps, alpha=alpha, gen=gen, bn=method.attack_bn)
+        x_adv = fgsm_rs(model, x, y, norm=norm, eps=eps, alpha=alpha, gen=gen, bn=method.attack_bn, x_init=x_init,
+                        mean_over=mean_over)
     else:
         x_adv = inner_max(model, x, y, objective="kl" if method.framework == "trades" else "ce", norm=norm,
                           eps=eps, alpha=alpha, steps=method.steps, start=method.start, gen=gen,
-                          bn=method.attack_bn)
+                          bn=method.attack_bn, x_init=x_init, mean_over=mean_over)
     # The inner maximisation attacks the true labels (or TRADES' clean prediction); soft targets
     # replace the labels in the outer loss only.
     targets = y if targets_fn is None else targets_fn(x, x_adv, y)
@@ -489,17 +556,20 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y
     def loss_fn(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return framework_loss(m, method.framework, x, x_adv, targets, method.beta)
 
+    def weighted(loss: torch.Tensor) -> torch.Tensor:  # the share's part of the global batch mean
+        return loss if job is None else loss * weight
+
     opt.zero_grad(set_to_none=True)
     if awp is None:
-        loss, out = loss_fn(model)
-        loss.backward()
+        loss, out = loss_fn(net)
+        weighted(loss).backward()
     else:
         # Gradient at the perturbed weights, step from the restored (original) ones.
-        with awp.perturbed(lambda m: loss_fn(m)[0]):
-            loss, out = loss_fn(model)
-            loss.backward()
+        with awp.perturbed(lambda m: weighted(loss_fn(m)[0])):
+            loss, out = loss_fn(net)
+            weighted(loss).backward()
     opt.step()
-    return loss.detach(), out.detach()
+    return loss.detach(), out.detach(), y
 
 
 def _validate(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, config: AdversarialConfig,
@@ -514,58 +584,116 @@ def _validate(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, config
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: AdversarialConfig, method: Method,
         *, val: tuple[torch.Tensor, torch.Tensor] | None = None, targets_fn: TargetsFn | None = None,
-        device: str | torch.device = "cpu", progress: bool = True) -> list[dict[str, float]]:
+        device: str | torch.device = "cpu", progress: bool = True, resume: Path | None = None) -> list[dict[str, float]]:
     """Adversarially train ``model`` in place; return per-epoch logs.
 
     ``x_*``: float32 NCHW in [0, 1], ``y_*``: int64 labels, on any device (batches move to
     ``device``). ``targets_fn(x, x_adv, y)``, if given, replaces the labels in the *outer* loss only
     (LTD's soft labels). ``val`` is only *logged* each epoch: nothing is selected on it.
+    ``resume``: a file for the state at the end of each epoch but the last; when it holds this
+    run's state, training continues after its epoch. In a ``torchrun`` job the model trains in
+    DistributedDataParallel on each rank's share of every global batch (:mod:`robustkit.train._ddp`)
+    and rank 0 alone logs, validates and writes ``resume``.
     """
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
+    job = current()
+    main = job is None or job.is_main
+    _ddp.check_shares(len(x_train), config.batch_size, job)
     # One local generator drives data order, augmentation and attack starts: reproducible runs
     # without touching the global RNG (the model's init is seeded by whoever builds it).
     gen = torch.Generator(device=dev).manual_seed(config.seed)
     model.to(dev).train()
+    net = _ddp.wrap(model, dev, job, config.sync_bn)
     steps_per_epoch = math.ceil(len(x_train) / config.batch_size)
     lr_at = lr_schedule(config.schedule, config.lr_max, config.epochs, steps_per_epoch, config.lr_peak_frac,
                         config.milestones)
     opt = torch.optim.SGD(decay_groups(model.parameters(), config.weight_decay), lr=0.0,
                           momentum=config.momentum, nesterov=config.nesterov)
-    weight_adversary = AWP(model, config.awp_gamma) if config.awp else None
+    reduce = None if job is None else partial(_ddp.all_reduce_sum_, job=job)
+    weight_adversary = AWP(model, config.awp_gamma, reduce) if config.awp else None
     eps, alpha = config.eps_value, config.alpha_value(method)
-    logs: list[dict[str, float]] = []
-    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not progress, unit="batch", dynamic_ncols=True)
-    step = 0
-    for epoch in range(config.epochs):
+    identity = _run_identity(config, method, len(x_train), dev)
+    first, logs = _ddp.agree(job, lambda: _resume(resume, identity, model, opt, gen, progress and main),
+                             lambda r: r[0], "the ranks would resume after different epochs: every rank must read "
+                             "the same resume state (on several machines, put --out on a filesystem they share)")
+    step = first * steps_per_epoch
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=step, disable=not (progress and main), unit="batch",
+               dynamic_ncols=True)
+    for epoch in range(first, config.epochs):
         t0 = time.perf_counter()
         ramp = min(1.0, (epoch + 1) / config.eps_warmup) if config.eps_warmup else 1.0
         awp = weight_adversary if epoch >= config.awp_warmup else None
         stats = RunningStats()
         bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
         for idx in epoch_batches(len(x_train), config.batch_size, gen):
-            x = crop_flip(x_train[idx].to(dev), config.crop_pad, gen)
+            x = crop_flip(x_train[idx].to(dev), config.crop_pad, gen)  # the whole global batch's draws
             y = y_train[idx].to(dev)
             set_lr(opt, lr_at(step))
-            loss, out = _train_step(model, opt, x, y, norm=config.norm, eps=eps * ramp, alpha=alpha * ramp,
-                                    method=method, gen=gen, targets_fn=targets_fn, awp=awp)
+            loss, out, y_part = _train_step(net, opt, x, y, norm=config.norm, eps=eps * ramp, alpha=alpha * ramp,
+                                            method=method, gen=gen, targets_fn=targets_fn, awp=awp, job=job)
             step += 1
-            stats.add(loss, out, y)
+            stats.add(loss, out, y_part)
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.3f}", adv_acc=f"{stats.acc:.3f}")
+        if job is not None:  # the epoch's statistics over the global batches, not rank 0's shares
+            stats.loss_sum, stats.correct, stats.seen = _ddp.sum_over_ranks(
+                [stats.loss_sum, stats.correct, stats.seen], job)
         log: dict[str, float] = {"epoch": epoch + 1, "eps": eps * ramp, "lr_end": lr_at(step - 1),
                                  "awp": float(awp is not None), "train_loss": stats.loss,
                                  # on the training batches' own adversarial inputs
                                  "train_adv_acc": stats.acc, "seconds": time.perf_counter() - t0}
-        if val is not None and len(val[0]):
+        if epoch == first and first:
+            log["resumed_from_epoch"] = first
+        if main and val is not None and len(val[0]):
             log.update(_validate(model, *val, config, dev))
-        if progress:
+        if progress and main:
             tqdm.write(_epoch_line(log, config.epochs), file=sys.stderr)
         logs.append(log)
+        if resume is not None and epoch + 1 < config.epochs:
+            state = identity | {"epochs_done": epoch + 1, "logs": logs}
+            _ddp.on_main(job, partial(save_resume, resume, model, opt, gen, state))
     bar.close()
+    del net
+    _ddp.collect(job)
     model.eval()
     return logs
+
+
+def _run_identity(config: AdversarialConfig, method: Method, n_train: int, device: torch.device) -> dict[str, Any]:
+    """What a resume state must match to be continued: the config, the method, the data size and
+    the device type (generator states differ between CPU and CUDA). Not the number of processes:
+    the random stream does not depend on it."""
+    from robustkit.core.config import config_to_dict
+
+    run = {"config": config_to_dict(config), "method": asdict(method), "n_train": n_train, "device_type": device.type}
+    return json.loads(json.dumps(run))  # as the file will hold it (tuples become lists)
+
+
+def _resume(path: Path | None, identity: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
+            gen: torch.Generator, speak: bool) -> tuple[int, list[dict[str, float]]]:
+    """The epoch to start at and the logs so far: the resume state's when ``path`` holds this run's
+    (loaded into ``model``, ``opt`` and ``gen``), else 0 and none."""
+    found = read_resume(path) if path is not None else None
+    if found is None:
+        return 0, []
+    tensors, info = found
+    for key, value in identity.items():
+        there = info.get(key)
+        if isinstance(value, dict) and isinstance(there, dict):
+            differs = sorted(k for k in value.keys() | there.keys() if value.get(k) != there.get(k))
+        else:
+            differs = [] if there == value else [""]
+        if differs:
+            name = f"{key}.{differs[0]}".rstrip(".")
+            raise ConfigError(f"{path} holds the state of another run (its {name} differs from this run's); "
+                              "delete it to start over, or choose another --out")
+    load_resume(tensors, info, model, opt, gen)
+    if speak:
+        print(f"resuming from {path}: {info['epochs_done']} of {identity['config']['epochs']} epochs done",
+              file=sys.stderr, flush=True)
+    return int(info["epochs_done"]), list(info["logs"])
 
 
 def _epoch_line(log: dict[str, float], epochs: int) -> str:
@@ -717,7 +845,12 @@ def measure(model: nn.Module, data: Data, config: AdversarialConfig, device: tor
 def fit_and_save(trainer: str, config: AdversarialConfig, run: RunOptions, method: Method, data: Data, built: Built,
                  *, targets_fn: TargetsFn | None = None, extra: dict[str, Any] | None = None) -> Checkpoint:
     """Train ``built.model`` with ``method``, measure it on the test images, save the checkpoint
-    with the resolved config and a training block (data, timings, per-epoch log, ``extra``)."""
+    with the resolved config and a training block (data, timings, per-epoch log, ``extra``).
+
+    The run keeps its resume state beside the checkpoint (``OUT.resume.safetensors``) until the
+    checkpoint is written. In a ``torchrun`` job rank 0 alone measures and writes; every rank
+    returns its checkpoint."""
+    job = current()
     check_logits(built.model, f"model {built.architecture}", data.x_train, data.info.num_classes)
     alpha = config.alpha_value(method)
     inner = "fgsm-rs" if method.inner == "fgsm-rs" else f"pgd-{method.steps}"
@@ -726,21 +859,34 @@ def fit_and_save(trainer: str, config: AdversarialConfig, run: RunOptions, metho
              f"{inner} {config.norm} eps {config.eps}, alpha {alpha * 255:.2f}/255{', AWP' if config.awp else ''}; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     t0, c0 = time.perf_counter(), time.process_time()
+    resume = resume_path(run.stem)
     logs = fit(built.model, data.x_train, data.y_train, config, method, val=(data.x_val, data.y_val),
-               targets_fn=targets_fn, device=run.device, progress=run.progress)
+               targets_fn=targets_fn, device=run.device, progress=run.progress, resume=resume)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    training = {**(extra or {}), "distributed": _ddp.describe(job, config.sync_bn), **training_run(run.device, wall, cpu),
+                "epochs_log": logs}
+    checkpoint = _ddp.on_main(job, lambda: _measure_and_save(trainer, config, run, method, data, built, training))
+    if job is None or job.is_main:
+        resume.unlink(missing_ok=True)  # the checkpoint is written: nothing left to resume
+    return checkpoint
+
+
+def _measure_and_save(trainer: str, config: AdversarialConfig, run: RunOptions, method: Method, data: Data,
+                      built: Built, run_record: dict[str, Any]) -> Checkpoint:
+    """The end of :func:`fit_and_save` (rank 0's alone in a job): test metrics, then the checkpoint
+    whose training block ends with ``run_record`` (``extra``, processes, timings, per-epoch log)."""
+    alpha = config.alpha_value(method)
     metrics = measure(built.model, data, config, run.device)
     robust = next(v for k, v in metrics.items() if k.startswith("pgd10_"))
     say(run, f"test (n={metrics['n']}): clean {metrics['clean_acc']:.4f}  PGD-10 {config.norm} {config.eps} "
-             f"{robust:.4f}  training {wall:.0f}s")
+             f"{robust:.4f}  training {run_record['wall_time_s']:.0f}s")
     training: dict[str, Any] = {
         # What the config implies, spelled out (the config itself is recorded beside this block).
         "framework": method.framework, "inner": method.inner, "steps": 1 if method.inner == "fgsm-rs" else method.steps,
         "eps_value": config.eps_value, "alpha_value": alpha, "attack_bn": method.attack_bn,
         "inner_start": {"trades": "x + 0.001*N(0,1) (TRADES)", "uniform": "uniform in the eps-ball"}[method.start],
         "inner_objective": "KL(p(x) || p(x'))" if method.framework == "trades" else "CE(true labels)",
-        "init": built.init, **(extra or {}), "data": data.record, "seed": config.seed,
-        **training_run(run.device, wall, cpu), "epochs_log": logs,
+        "init": built.init, "data": data.record, "seed": config.seed, **run_record,
     }
     base_args = built.arch_args.get("base_args", built.arch_args) if built.architecture == "ltd" else built.arch_args
     normalization = ({"mean": list(base_args["mean"]), "std": list(base_args["std"])}
@@ -752,5 +898,10 @@ def fit_and_save(trainer: str, config: AdversarialConfig, run: RunOptions, metho
 
 def train_and_save(trainer: str, config: AdversarialConfig, run: RunOptions, method: Method) -> Checkpoint:
     """A whole run of a method that needs nothing beyond the shared loop (pgd_at, trades, fast_at)."""
-    data = load_data(config, run)
-    return fit_and_save(trainer, config, run, method, data, build_model(config, data.info))
+
+    def prepare() -> tuple[Data, Built]:
+        data = load_data(config, run)
+        return data, build_model(config, data.info)
+
+    data, built = _ddp.main_first(current(), prepare)  # a download happens once, on rank 0
+    return fit_and_save(trainer, config, run, method, data, built)

@@ -1,6 +1,7 @@
 """Pieces every trainer's epoch loop shares, written once: which weights decay, the order of an
 epoch's batches, setting the learning rate of a step, the running loss and accuracy of an epoch, the
-crop-and-flip augmentation and the index ranges a checkpoint's training block records.
+crop-and-flip augmentation, the index ranges a checkpoint's training block records and the per-epoch
+resume state.
 
 Each trainer keeps its own loop (airbench style: the loop is where a method's tricks are, and one
 reads it in one sitting); these are the lines that were the same in all of them.
@@ -8,12 +9,18 @@ reads it in one sitting); these are the lines that were the same in all of them.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from robustkit.core.errors import CheckpointError
 
 
 def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -88,3 +95,64 @@ def index_ranges(indices: Iterable[int]) -> str:
         else:
             runs.append([i, i])
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+# --------------------------------------------------------------------------------------------
+# Resume: the state of a run at the end of an epoch
+# --------------------------------------------------------------------------------------------
+
+RESUME_FORMAT = "robustkit.resume"
+
+
+def resume_path(stem: Path) -> Path:
+    """Where a run writing the checkpoint ``stem`` keeps its resume state: ``stem.resume.safetensors``."""
+    return stem.with_name(stem.name + ".resume.safetensors")
+
+
+def save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                info: dict[str, Any]) -> None:
+    """Write the weights, buffers, optimizer state and generator state, plus ``info`` (JSON), to
+    ``path`` in one safetensors file, atomically: a run killed while writing leaves the previous
+    epoch's file whole. Tensors only, never a pickle, so loading it cannot run code."""
+    from safetensors.torch import save_file
+
+    opt_state = opt.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"opt.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    tensors["generator"] = gen.get_state()
+    info = info | {"param_groups": opt_state["param_groups"]}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": RESUME_FORMAT, "info": json.dumps(info)})
+    os.replace(tmp, path)
+
+
+def read_resume(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The tensors and ``info`` of a resume file, or None when there is none."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        if meta.get("format") != RESUME_FORMAT:
+            raise ValueError("not a robustkit resume file")
+        return tensors, json.loads(meta["info"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read the resume state {path}: {e}; delete it to start the run over") from None
+
+
+def load_resume(tensors: dict[str, torch.Tensor], info: dict[str, Any], model: nn.Module,
+                opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    """Put what :func:`save_resume` wrote back into ``model``, ``opt`` and ``gen``."""
+    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value  # load_state_dict moves it to the parameter's device
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    gen.set_state(tensors["generator"])

@@ -16,6 +16,11 @@ and listed where they happen:
 * speed: fused SGD on CUDA, foreach lookahead, and a sync-free gather for random translation; one
   compiled copy instead of two when ``compile`` is set (see :func:`fit`).
 
+Under ``torchrun`` it trains data-parallel (:mod:`robustkit.train._ddp`): every rank augments and
+permutes the whole set with the same generator and trains on its share of each global batch of
+``batch_size``, so the augmentation stream is one process's; BatchNorm uses each share's statistics
+unless ``sync_bn`` (CUDA) makes them the global batch's.
+
 ``robustkit train airbench94 --help`` lists the config; the GPU benchmark against the reference is
 ``python eval/benchmarks/airbench.py`` (a developer benchmark in the repository).
 """
@@ -29,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -37,6 +43,7 @@ from torch import nn
 
 from robustkit.core.checkpoint import Checkpoint, save_checkpoint
 from robustkit.core.errors import ConfigError, InputRangeError
+from robustkit.distributed import Dist, current
 from robustkit.models.airbench import (
     NETWORKS,
     AirbenchNet,
@@ -45,6 +52,7 @@ from robustkit.models.airbench import (
     init_whitening,
     tta_logits,
 )
+from robustkit.train import _ddp
 from robustkit.train._loop import index_ranges
 from robustkit.train.base import RunOptions, register_trainer
 
@@ -97,6 +105,9 @@ class AirbenchConfig(AirbenchNetArgs):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on CUDA (the
     # reference's), float32 elsewhere; a checkpoint records the resolved one
     compile: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None = None
+    # under torchrun: BatchNorm statistics of the global batch (SyncBatchNorm, CUDA only) instead of
+    # each process's share of it; ignored by a single process
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size < 1 or self.lookahead_every < 1:
@@ -442,6 +453,7 @@ class _Steps:
     total_steps: int
     compiled: bool
     on_step: Callable[[], Any]
+    job: Dist | None = None  # a torchrun job: train on this rank's share of each global batch
     step: int = 0
 
     def epoch(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], train_bias: bool) -> tuple[Any, ...]:
@@ -449,6 +461,8 @@ class _Steps:
         hp, model, opt = self.hp, self.model, self.opt
         model.train()
         for x, y in batches:
+            part = _ddp.share(len(x), self.job)
+            x, y = x[part], y[part]
             mult = lr_multiplier(self.step, self.total_steps, hp)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * mult
@@ -458,8 +472,9 @@ class _Steps:
                 out = self.forward(x)
                 loss = F.cross_entropy(out, y, label_smoothing=hp.label_smoothing, reduction="sum")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.compiled and not train_bias:
+            # the loss is a sum: DDP's average over W ranks times W is the global batch's sum
+            (loss if self.job is None else loss * self.job.world_size).backward()
+            if (self.compiled or self.job is not None) and not train_bias:
                 model.whiten.bias.grad = None  # frozen: the optimizer skips grad-less params
             opt.step()
             self.step += 1
@@ -491,10 +506,15 @@ def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval
     flipping ``requires_grad`` on the whitening bias at epoch 3 forces a recompile; here the bias
     keeps requires_grad and its gradient is dropped before each optimizer step once frozen, which
     the optimizer treats exactly like a frozen parameter, with one graph and no copy.
+
+    In a ``torchrun`` job each rank trains on its share of every global batch (:func:`_data_parallel`);
+    rank 0 alone evaluates, logs and calls ``on_epoch``.
     """
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
+    job = current()
+    main = job is None or job.is_main
     dt = resolve_dtype(hp.dtype, dev)
     mode, cuda = hp.compile, dev.type == "cuda"
     timer = timing if timing is not None else RegionTimer(dev)
@@ -518,10 +538,12 @@ def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval
     total_steps = math.ceil(len(loader) * hp.epochs)
     if total_steps < 1:
         raise ConfigError(f"{hp.epochs} epochs of {len(loader)} batches is no training step")
+    _ddp.check_shares(len(images), hp.batch_size, job, drop_last=True)
 
     opt, sgd = make_optimizer(model, hp, fused=cuda)
     forward = _compiled(model, "logits", mode) if mode else model.logits
-    bar = tqdm(total=total_steps, desc=f"airbench {hp.widths}", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=total_steps, desc=f"airbench {hp.widths}", unit="step", disable=not (progress and main),
+               leave=False)
     logs: list[dict[str, Any]] = []
     final: float | None = None
     try:
@@ -530,37 +552,69 @@ def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval
         # Snapshot after the whitening init (the reference snapshots before it, so ~1e-6 of the
         # default conv init leaks into its frozen whitening filters at the first update).
         lookahead = Lookahead(model) if hp.lookahead else None
-        steps = _Steps(model, hp, opt, forward, autocast, lookahead, total_steps, bool(mode), bar.update)
+        # DDP after the whitening init and the optimizer's BatchNorm groups
+        train_forward = forward if job is None else _data_parallel(model, dev, job, hp)
+        steps = _Steps(model, hp, opt, train_forward, autocast, lookahead, total_steps, bool(mode), bar.update, job)
         for epoch in range(math.ceil(hp.epochs)):
             train_bias = epoch < hp.whiten_bias_epochs
-            if not mode:
+            if not mode and job is None:
                 model.whiten.bias.requires_grad_(train_bias)
             with timer.region(f"epoch {epoch + 1}"):
                 out, loss, y = steps.epoch(loader.batches(epoch), train_bias)
             # -- untimed per-epoch log: the last batch, like the reference, + TTA-0 eval accuracy
             log: dict[str, Any] = {"epoch": epoch + 1, "steps": steps.step, "seconds": timer.regions[-1][1]}
             if log_every_epoch:
-                log.update(train_loss=loss.item() / len(y), train_acc=(out.detach().argmax(1) == y).float().mean().item())
-                if eval_images is not None and eval_labels is not None:
+                log.update(_last_batch_log(out, loss, y, job))
+                if main and eval_images is not None and eval_labels is not None:
                     with autocast:
                         log["eval_acc_tta0"] = evaluate(model, eval_images, eval_labels, 0,
                                                         fn=forward if mode else None)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in log.items() if k.endswith(("loss", "acc", "tta0"))})
             logs.append(log)
-            if on_epoch is not None:
+            if on_epoch is not None and main:
                 on_epoch(log)
-        if eval_images is not None and eval_labels is not None:
+        if main and eval_images is not None and eval_labels is not None:
             eval_fn = _compiled(model, f"tta{hp.tta_level}", mode) if mode else None
             with timer.region(f"tta{hp.tta_level} eval"), autocast:
                 final = evaluate(model, eval_images, eval_labels, hp.tta_level, fn=eval_fn)
     finally:
         bar.close()
         torch.backends.cudnn.benchmark = cudnn_benchmark
+        _ddp.collect(job)
     model.eval()
     return {"epochs": logs, "total_steps": total_steps, "steps_per_epoch": len(loader),
             "timed_seconds": timer.total, "regions": [{"name": n, "seconds": s} for n, s in timer.regions],
             "final_tta_level": hp.tta_level, "final_eval_acc": final, "dtype": str(dt).replace("torch.", ""),
             "compile": mode, "sgd": sgd}
+
+
+def _data_parallel(model: AirbenchNet, device: torch.device, job: Dist, hp: AirbenchConfig) -> nn.Module:
+    """The training forward pass of a job: ``model.logits`` in DDP (compiled when ``hp.compile``
+    is set). The frozen whitening bias keeps ``requires_grad`` and loses its gradient before each
+    step, as when compiled; rank 0's evaluations keep the plain forward (DDP's would wait for the
+    other ranks)."""
+    net = _ddp.wrap(_Logits(model), device, job, hp.sync_bn)
+    return torch.compile(net, mode=hp.compile, dynamic=False) if hp.compile else net
+
+
+class _Logits(nn.Module):
+    """``model.logits`` as a module's forward: what DDP wraps (``AirbenchNet.forward`` is the TTA one)."""
+
+    def __init__(self, model: AirbenchNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(x)
+
+
+def _last_batch_log(out: torch.Tensor, loss: torch.Tensor, y: torch.Tensor, job: Dist | None) -> dict[str, float]:
+    """The per-epoch log of the last batch (the reference's): its mean loss and accuracy, over the
+    whole global batch in a job."""
+    if job is None:
+        return {"train_loss": loss.item() / len(y), "train_acc": (out.detach().argmax(1) == y).float().mean().item()}
+    total, correct, n = _ddp.sum_over_ranks([loss.item(), int((out.detach().argmax(1) == y).sum()), len(y)], job)
+    return {"train_loss": total / n, "train_acc": correct / n}
 
 
 # --------------------------------------------------------------------------------------------
@@ -639,11 +693,13 @@ def _print_epoch(log: dict[str, Any], measured: str) -> None:
 @register_trainer("airbench94", AirbenchConfig, smoke=SMOKE,
                   description="airbench94 (Jordan 2024): standard CIFAR-10 training, 94% in 3.3 s on an A100")
 def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
-    """Train an airbench variant on a robustkit dataset, measure it at TTA 0/1/2, save the checkpoint."""
+    """Train an airbench variant on a robustkit dataset, measure it at TTA 0/1/2, save the checkpoint
+    (in a ``torchrun`` job: rank 0 alone measures and writes; every rank returns the checkpoint)."""
     from robustkit.core.provenance import describe_device, training_run
 
+    job = current()
     resolve_dtype(config.dtype, run.device)  # refuse float16 on a CPU before loading anything
-    data = _load_data(config, run)
+    data = _ddp.main_first(job, lambda: _load_data(config, run))  # a download happens once, on rank 0
     arch_args = arch_args_for(config, data.info.num_classes, data.info.mean, data.info.std)
     torch.manual_seed(config.seed)
     model = AirbenchNet(**arch_args)
@@ -657,10 +713,6 @@ def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
     result = fit(model, data.x_train, data.y_train, data.x_test, data.y_test, config, device=run.device,
                  progress=run.progress, on_epoch=partial(_print_epoch, measured=measured) if run.progress else None)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    metrics = _measure(model, data, config)
-    print(f"{metrics['measured_on']} (n={metrics['n']}): TTA0 {metrics['clean_acc_tta0']:.4f}  "
-          f"TTA1 {metrics['clean_acc_tta1']:.4f}  TTA2 {metrics['clean_acc_tta2']:.4f}; training {wall:.0f}s wall, "
-          f"{result['timed_seconds']:.1f}s in the paper's timed regions")
     training = {
         "method": "airbench (Jordan 2024, arXiv 2404.00498), robustkit.train.airbench",
         "pytorch_sgd": result["sgd"],
@@ -669,15 +721,26 @@ def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
         "data": data.block,
         "dtype": result["dtype"],
         "compile": result["compile"],
+        "distributed": _ddp.describe(job, config.sync_bn),
         **training_run(describe_device(run.device), wall, cpu),
         "timed_regions_s": round(result["timed_seconds"], 2),
         "final_eval_acc_in_training_precision": result["final_eval_acc"],
         "epochs_log": result["epochs"],
     }
+    return _ddp.on_main(job, lambda: _measure_and_save(model, data, config, arch_args, training, run.out))
+
+
+def _measure_and_save(model: AirbenchNet, data: _Data, config: AirbenchConfig, arch_args: dict[str, Any],
+                      training: dict[str, Any], out: Path) -> Checkpoint:
+    """The end of :func:`train` (rank 0's alone in a job): TTA 0/1/2 accuracy, then the checkpoint."""
+    metrics = _measure(model, data, config)
+    print(f"{metrics['measured_on']} (n={metrics['n']}): TTA0 {metrics['clean_acc_tta0']:.4f}  "
+          f"TTA1 {metrics['clean_acc_tta1']:.4f}  TTA2 {metrics['clean_acc_tta2']:.4f}; training "
+          f"{training['wall_time_s']:.0f}s wall, {training['timed_regions_s']:.1f}s in the paper's timed regions")
     return save_checkpoint(
-        model, run.out, architecture=config.variant, arch_args=arch_args,
+        model, out, architecture=config.variant, arch_args=arch_args,
         normalization={"mean": arch_args["mean"], "std": arch_args["std"]}, dataset=config.dataset,
         num_classes=int(data.info.num_classes), training=training, metrics=metrics,
         # the dtype actually used, so the recorded config reproduces the run on any device
-        trainer=config.variant, config=replace(config, dtype=result["dtype"]),
+        trainer=config.variant, config=replace(config, dtype=training["dtype"]),
     )

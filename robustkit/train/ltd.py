@@ -36,9 +36,11 @@ from torch import nn
 from robustkit.core.checkpoint import Checkpoint
 from robustkit.core.errors import ConfigError
 from robustkit.core.modes import kept_modes
+from robustkit.distributed import current
 from robustkit.train._adversarial import (
     SMOKE,
     AdversarialConfig,
+    Built,
     Data,
     Method,
     TargetsFn,
@@ -49,6 +51,7 @@ from robustkit.train._adversarial import (
     load_data,
     say,
 )
+from robustkit.train._ddp import main_first
 from robustkit.train.base import RunOptions, register_trainer
 
 TEACHER_INPUTS = ("clean", "adv")
@@ -156,9 +159,11 @@ def load_teacher(config: LTDConfig, data: Data, run: RunOptions) -> tuple[nn.Mod
 @register_trainer("ltd", LTDConfig, description="Low Temperature Distillation (Chen & Lee): a teacher's soft "
                   "labels in PGD-AT or TRADES, student logits / tau_s", smoke=SMOKE | {"steps": 1, "teacher": "tiny_cnn.init"})
 def train(config: LTDConfig, run: RunOptions) -> Checkpoint:
-    data = load_data(config, run)
-    built = build_model(config, data.info, tau_s=config.tau_s)
-    teacher, record = load_teacher(config, data, run)
+    def prepare() -> tuple[Data, Built, nn.Module, dict[str, Any]]:
+        data = load_data(config, run)
+        return data, build_model(config, data.info, tau_s=config.tau_s), *load_teacher(config, data, run)
+
+    data, built, teacher, record = main_first(current(), prepare)  # a download happens once, on rank 0
     method = Method(config.framework, "pgd", steps=config.steps, beta=config.beta)
     return fit_and_save("ltd", config, run, method, data, built,
                         targets_fn=ltd_targets(teacher, config.tau_t, config.teacher_input), extra={"teacher": record})
