@@ -288,9 +288,16 @@ def _load_peers(store: RecordStore, job: Dist | None) -> None:
 def _share_of(job: Dist | None, store: RecordStore, stage: str, examples: list[int],
               batch_size: int) -> list[int]:
     """This process's batches of a stage: the uncommitted ones of the single-process batch plan,
-    dealt round-robin over the ranks (every rank derives the same plan from the same records)."""
+    dealt round-robin over the ranks (every rank derives the same plan from the same records).
+
+    The deal goes on where the previous stage's left off, so the late stages of AutoAttack, often a
+    single batch of survivors each, fall to different ranks instead of all to rank 0."""
     todo = [b for b in range(-(-len(examples) // batch_size)) if not store.is_committed(stage, b)]
-    return todo if job is None else todo[job.rank::job.world_size]
+    if job is None:
+        return todo
+    start = store.dealt
+    store.dealt += len(todo)
+    return [b for j, b in enumerate(todo) if (start + j) % job.world_size == job.rank]
 
 
 def _shared(job: Dist | None, store: RecordStore, work: Callable[[], None]) -> None:

@@ -68,6 +68,7 @@ class RecordStore:
         self.path = rank_path(path, rank) if path is not None else None
         self.resume = resume
         self._new: list[tuple[str, int, list[dict[str, Any]], dict[str, Any]]] = []  # written here, unshared
+        self.dealt = 0  # batches the ranks of a job were dealt so far (the harness's round-robin)
         self.protocol = protocol
         self.hash = protocol_hash(protocol)
         self.examples: dict[tuple[str, int], dict[str, Any]] = {}
