@@ -137,8 +137,7 @@ def session(device: str | None = "auto") -> Iterator[Dist | None]:
         yield current()
         return
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    wants_cuda = str(device or "auto") == "auto" or str(device).startswith("cuda")
-    backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
+    backend = backend_for(device)
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     timeout = timedelta(seconds=timeout_seconds())
@@ -175,6 +174,12 @@ def main_first() -> Iterator[None]:
 def is_follower() -> bool:
     """True on every rank but 0 of a job: those compute their share and write no output file."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() != 0
+
+
+def backend_for(device: str | None) -> str:
+    """NCCL when ``--device`` means CUDA (``auto`` on a CUDA machine, ``cuda``, ``cuda:N``), else gloo."""
+    wants_cuda = str(device or "auto") == "auto" or str(device).startswith("cuda")
+    return "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
 
 
 def _attempt_store(timeout: timedelta) -> dict[str, Any]:

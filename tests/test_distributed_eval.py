@@ -403,3 +403,26 @@ def test_distributed_true_without_a_job_is_an_error(tiny_model, synthetic_test):
     x, y = synthetic_test
     with pytest.raises(ConfigError, match="torchrun"):
         evaluate(tiny_model, None, x[:8], y[:8], device="cpu", progress=False, distributed=True)
+
+
+def test_device_and_backend_of_a_rank_on_a_gpu_machine(monkeypatch):
+    """No GPU here: what a rank would pick on one, with torch's answers faked (``--device auto`` on a
+    4-GPU node, local rank 1 of a job of 8)."""
+    import torch
+
+    from robustkit import distributed
+    from robustkit.core.provenance import resolve_device
+
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 4)
+    assert [distributed.backend_for(d) for d in ("auto", "cuda", "cuda:1", "cpu")] == ["nccl", "nccl", "nccl", "gloo"]
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 8)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 5)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:3") == torch.device("cuda", 3)  # an explicit index is the user's
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    assert distributed.backend_for("auto") == "gloo"
