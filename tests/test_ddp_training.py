@@ -3,19 +3,23 @@
 The acceptance criterion: on a BatchNorm-free model, ``torchrun --nproc-per-node 2 -m robustkit
 train ...`` gives the weights one process gives with the same global batch, to float tolerance, with
 a batch that does not split evenly. Around it: rank 0 alone writes, the checkpoint records the job,
-airbench runs, and a killed run resumes to the weights of an uninterrupted one.
+airbench runs, and a killed run (adversarial loop or airbench, one process or two, relaunched or
+restarted by torchrun itself) resumes to the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,8 +35,10 @@ from robustkit.train._ddp import agree, check_shares, loss_weight, share
 TINY = ["--dataset", "synthetic", "--set", "arch=tiny_cnn", "--set", "arch_args={ width = 4 }", "--set", "n_train=38",
         "--set", "n_test=16", "--set", "epochs=2", "--set", "batch_size=15", "--set", "val_pgd_n=8", "--threads", "1",
         "--no-progress"]
-AIRBENCH = ["--dataset", "synthetic", "--set", "n_train=256", "--set", "n_test=64", "--set", "widths=[8, 16, 16]",
-            "--set", "batch_size=64", "--set", "epochs=2.0", "--threads", "1", "--no-progress"]
+# 8 steps an epoch: lookahead (every 5 steps) is mid-cycle at every epoch's end, and the whitening
+# bias freezes after epoch 3; epochs of ~0.2 s, so a kill after the first lands long before the end.
+AIRBENCH = ["--dataset", "synthetic", "--set", "n_train=512", "--set", "n_test=64", "--set", "widths=[8, 16, 16]",
+            "--set", "batch_size=64", "--set", "epochs=6.0", "--threads", "1", "--no-progress"]
 CASES = {  # name: (trainer, its overrides)
     "pgd_at": ("pgd_at", ["--set", "steps=3", "--set", "eps_warmup=2"]),  # PGD from a uniform random start
     "ltd_awp": ("ltd", ["--set", "framework=pgd_at", "--set", "steps=2", "--set", "teacher=tiny_cnn.init",
@@ -44,9 +50,11 @@ CASES = {  # name: (trainer, its overrides)
 }
 # Rank 1 records every file it opens for writing, renames or deletes (Python's audit hooks), then
 # runs the CLI; what it recorded ends its stderr. Not robustkit's: torch's import of torch._dynamo
-# (by DDP) making its cache folder, on every rank.
+# (by DDP) making its cache folder, on every rank, after asking tempfile for the temp folder, which
+# tempfile finds by writing and deleting a probe file there (done here, before the hook).
 AUDIT = """\
-import os, sys
+import os, sys, tempfile
+tempfile.gettempdir()
 writes = []
 def hook(event, args):
     if args and "torchinductor_" in str(args[0]):
@@ -72,17 +80,103 @@ def _env() -> dict[str, str]:
     return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def torchrun(workdir: Path, *args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+
+def torchrun(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     """``robustkit ARGS`` under ``torchrun --standalone`` (rank 1 audited for writes), in ``workdir``."""
     script = workdir / "audited_robustkit.py"
     script.write_text(AUDIT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(script), *args]
     for _ in range(3):  # --standalone picks a free port, which another job on the machine may take first
-        proc = subprocess.run(cmd, cwd=workdir, env=_env(), capture_output=True, text=True, timeout=240)
-        if "EADDRINUSE" not in proc.stderr:
+        proc = launch([*TORCHRUN, str(script), *args], workdir)
+        err = finish(proc)
+        if "EADDRINUSE" not in err:
             break
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.read(), err)  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- processes, killed
+
+
+def launch(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    """``cmd`` in a session of its own, its output in files (a pipe nobody reads would block it),
+    kept as ``proc.stdout`` and ``proc.stderr`` for :func:`finish`."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=err, start_new_session=True)
+    proc.stdout, proc.stderr = out, err
     return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    """Wait for ``proc`` (everything it started is killed on a timeout); its stderr."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_all(proc)
+        raise
+    for f in (proc.stdout, proc.stderr):
+        f.seek(0)  # type: ignore[union-attr]
+    return proc.stderr.read()  # type: ignore[union-attr]
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/PID/stat`` after the command name: state, parent, group, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int(_stat(int(entry.name))[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the running ``proc`` and every process below it. Its session alone is not enough:
+    torchrun starts each worker in a session of its own, and a worker outliving its agent runs on."""
+    tree, todo = [], [proc.pid] if proc.poll() is None else []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children(pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def rank_pid(proc: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the torchrun worker of ``rank`` (from its environment), or None before it started."""
+    for pid in children(proc.pid):
+        with contextlib.suppress(OSError):
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            if env.get("RANK") == str(rank):
+                return pid
+    return None
+
+
+def killed_after_first_epoch(cmd: list[str], cwd: Path, state: Path,
+                             victim: Callable[[subprocess.Popen], None]) -> subprocess.Popen:
+    """``cmd`` in ``cwd`` with ``victim(proc)`` called the moment ``state`` (the resume file of
+    the first epoch) appears; the process, still running or not."""
+    for _ in range(3):
+        proc = launch(cmd, cwd)
+        deadline = time.monotonic() + 180
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if state.exists() and proc.poll() is None:
+            victim(proc)
+            return proc
+        if proc.poll() is None:
+            kill_all(proc)
+            raise AssertionError(f"no {state.name} after 180 s")
+        err = finish(proc)
+        if "EADDRINUSE" not in err:
+            raise AssertionError(f"the run ended before it could be killed; make it longer\n{err[-3000:]}")
+    raise AssertionError("no free port for torchrun --standalone")
 
 
 def rank_writes(proc: subprocess.CompletedProcess) -> list[str]:
@@ -186,21 +280,40 @@ def test_one_process_records_world_size_1(runs: dict) -> None:
     assert json.loads(one.with_name("one.json").read_text())["training"]["distributed"]["world_size"] == 1
 
 
-def test_airbench_trains_under_torchrun_and_rank_0_alone_writes(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def airbench_two(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess, Path]:
+    """An uninterrupted two-process airbench run: its checkpoint stem, its process, and a copy of
+    its resume state after the first epoch (what a kill at that moment leaves)."""
+    work = tmp_path_factory.mktemp("airbench_two")
+    (work / "run").mkdir()
+    script = work / "run" / "audited_robustkit.py"
+    script.write_text(AUDIT)
+    state, snapshot = work / "run" / "ab.resume.safetensors", work / "epoch1.resume.safetensors"
+    proc = killed_after_first_epoch([*TORCHRUN, str(script), "train", "airbench94", *AIRBENCH, "--out", "ab"],
+                                    work / "run", state, lambda _: shutil.copy(state, snapshot))
+    err = finish(proc)
+    return work / "run" / "ab", subprocess.CompletedProcess(proc.args, proc.returncode, "", err), snapshot
+
+
+def test_airbench_trains_under_torchrun_and_rank_0_alone_writes(airbench_two: tuple) -> None:
     # BatchNorm statistics are per-rank without sync_bn (CUDA only), so no equality with one process.
-    proc = torchrun(tmp_path, "train", "airbench94", *AIRBENCH, "--out", "ab")
+    stem, proc, _ = airbench_two
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert rank_writes(proc) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ab.json", "ab.safetensors", "audited_robustkit.py"]
-    meta = json.loads((tmp_path / "ab.json").read_text())
+    assert rank_writes(proc) == []  # nor the resume state, which rank 0 wrote after each epoch and deleted
+    assert sorted(p.name for p in stem.parent.iterdir()) == ["ab.json", "ab.safetensors", "audited_robustkit.py"]
+    meta = json.loads((stem.parent / "ab.json").read_text())
     assert meta["training"]["distributed"]["world_size"] == 2 and meta["metrics"]["n"] == 64
 
 
-def test_user_errors_under_torchrun_are_one_line_on_every_rank(tmp_path: Path) -> None:
+def test_user_errors_under_torchrun_are_one_line_and_end_the_job(tmp_path: Path) -> None:
     proc = torchrun(tmp_path, "train", "pgd_at", *TINY, "--set", "sync_bn=true", "--out", "x")
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("robustkit: error:")]
-    assert len(errors) == 2 and all("sync_bn = true needs CUDA" in e for e in errors), proc.stderr[-3000:]
+    # Both ranks find the error alone; the one that exits first makes torchrun SIGTERM the other,
+    # which on a busy machine can come before that one printed (seen 3 times in 15 runs).
+    assert errors and all("sync_bn = true needs CUDA" in e for e in errors), proc.stderr[-3000:]
+    frames = [line for line in proc.stderr.splitlines() if line.lstrip().startswith("File ") and "/robustkit/" in line]
+    assert frames == [], proc.stderr[-3000:]  # no traceback from a rank: torchrun's own is the launcher's
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -214,14 +327,9 @@ def killed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     work = tmp_path_factory.mktemp("killed")
     # epochs of ~0.3 s: the kill lands long before the last one ends, even on a busy machine
     args = ["train", "pgd_at", *TINY, "--set", "n_train=120", "--set", "epochs=6", "--set", "steps=3"]
-    proc = subprocess.Popen([sys.executable, "-m", "robustkit", *args, "--out", "run"], cwd=work, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (work / "run.resume.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    proc = killed_after_first_epoch([sys.executable, "-m", "robustkit", *args, "--out", "run"], work,
+                                    work / "run.resume.safetensors", kill_all)
+    assert proc.returncode == -signal.SIGKILL
     assert (work / "run.resume.safetensors").exists() and not (work / "run.safetensors").exists()
     return work, args
 
@@ -234,15 +342,20 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, killed: tuple[Path, 
     return stem
 
 
+def resumed_to_the_end(stem: Path, epochs: int) -> None:
+    """The run of ``stem`` continued from a resume state, logged every epoch and deleted the state."""
+    assert not stem.with_name(stem.name + ".resume.safetensors").exists()
+    log = json.loads(stem.with_name(stem.name + ".json").read_text())["training"]["epochs_log"]
+    assert [e["epoch"] for e in log] == list(range(1, epochs + 1)) and any("resumed_from_epoch" in e for e in log)
+
+
 def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: Path, killed: tuple[Path, list[str]],
                                                                     uninterrupted: Path) -> None:
     shutil.copy(killed[0] / "run.resume.safetensors", tmp_path / "run.resume.safetensors")
     assert main([*killed[1], "--out", str(tmp_path / "run")]) == 0
     a, b = weights(tmp_path / "run"), weights(uninterrupted)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit: every state came back
-    assert not (tmp_path / "run.resume.safetensors").exists()
-    log = json.loads((tmp_path / "run.json").read_text())["training"]["epochs_log"]
-    assert [e["epoch"] for e in log] == [1, 2, 3, 4, 5, 6] and any("resumed_from_epoch" in e for e in log)
+    resumed_to_the_end(tmp_path / "run", 6)
 
 
 def test_two_processes_resume_a_one_process_run(tmp_path: Path, killed: tuple[Path, list[str]],
@@ -261,3 +374,73 @@ def test_a_resume_state_of_another_config_is_refused(tmp_path: Path, killed: tup
     assert main([*killed[1], "--set", "lr_max=0.2", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "config.lr_max differs" in err and "delete it" in err
+
+
+def kill_rank_1(proc: subprocess.Popen) -> None:
+    pid = None
+    while pid is None and proc.poll() is None:
+        pid = rank_pid(proc, 1)
+        time.sleep(0.005)
+    assert pid is not None, "torchrun ended before its rank 1 could be killed"
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds rank 1 through /proc")
+def test_an_elastic_restart_after_a_killed_rank_resumes_to_the_weights_of_an_uninterrupted_run(
+        tmp_path: Path, killed: tuple[Path, list[str]], uninterrupted: Path) -> None:
+    # torchrun restarts both workers (--max-restarts 1); they continue from the resume state. The
+    # reference is the one-process run: two processes train its weights (the acceptance test above),
+    # and a third launch of torchrun would double this test's time.
+    cmd = [*TORCHRUN, "--max-restarts", "1", "-m", "robustkit", *killed[1], "--out", "run"]
+    proc = killed_after_first_epoch(cmd, tmp_path, tmp_path / "run.resume.safetensors", kill_rank_1)
+    err = finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    resumed_to_the_end(tmp_path / "run", 6)
+    assert_close(weights(tmp_path / "run"), weights(uninterrupted))
+
+
+# --------------------------------------------------------------------------- airbench resume
+
+
+@pytest.fixture(scope="module")
+def airbench_killed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The resume state of a one-process airbench run SIGKILLed after its first epoch."""
+    work = tmp_path_factory.mktemp("airbench_killed")
+    state = work / "ab.resume.safetensors"
+    proc = killed_after_first_epoch([sys.executable, "-m", "robustkit", "train", "airbench94", *AIRBENCH, "--out",
+                                     "ab"], work, state, kill_all)
+    assert proc.returncode == -signal.SIGKILL and not (work / "ab.safetensors").exists()
+    return state
+
+
+def test_a_killed_airbench_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: Path,
+                                                                             airbench_killed: Path) -> None:
+    # weights, momentum, the lookahead EMA, the step, the generator, the pre-flipped set: all come back
+    assert main(["train", "airbench94", *AIRBENCH, "--out", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole.resume.safetensors").exists()
+    shutil.copy(airbench_killed, tmp_path / "ab.resume.safetensors")
+    assert main(["train", "airbench94", *AIRBENCH, "--out", str(tmp_path / "ab")]) == 0
+    a, b = weights(tmp_path / "ab"), weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    resumed_to_the_end(tmp_path / "ab", 6)
+
+
+def test_an_airbench_resume_state_of_another_config_is_refused(tmp_path: Path, airbench_killed: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    shutil.copy(airbench_killed, tmp_path / "ab.resume.safetensors")
+    assert main(["train", "airbench94", *AIRBENCH, "--set", "lookahead_every=4", "--out", str(tmp_path / "ab")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "config.lookahead_every differs" in err
+    assert main(["train", "airbench95", *AIRBENCH, "--set", "widths=[8, 16, 16]", "--set", "lr=11.5",
+                 "--out", str(tmp_path / "ab")]) == 2  # the same fields, another trainer
+    assert "its trainer differs" in capsys.readouterr().err
+
+
+def test_a_two_process_airbench_job_resumes_to_the_weights_of_an_uninterrupted_one(
+        tmp_path: Path, airbench_two: tuple) -> None:
+    shutil.copy(airbench_two[2], tmp_path / "ab.resume.safetensors")
+    again = torchrun(tmp_path, "train", "airbench94", *AIRBENCH, "--out", "ab")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert rank_writes(again) == []
+    assert_close(weights(tmp_path / "ab"), weights(airbench_two[0]))
+    resumed_to_the_end(tmp_path / "ab", 6)

@@ -34,8 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "recorded in the checkpoint it writes (OUT.safetensors + OUT.json). Under torchrun (`torchrun "
         "--nproc-per-node N -m robustkit train ...`) the adversarial trainers (pgd_at, trades, fast_at, ltd) and "
         "airbench train one model data-parallel: batch_size stays the global batch, and rank 0 writes the "
-        "checkpoint. The adversarial trainers keep OUT.resume.safetensors until they finish: the same command "
-        "continues a killed run from its last finished epoch.",
+        "checkpoint. The adversarial trainers and airbench keep OUT.resume.safetensors until they finish: the same "
+        "command continues a killed run from its last finished epoch.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tr.add_argument("name", nargs="?", default=None,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import math
 import sys
 import time
@@ -57,10 +56,11 @@ from robustkit.train._loop import (
     crop_flip,
     decay_groups,
     epoch_batches,
+    find_resume,
     index_ranges,
     load_resume,
-    read_resume,
     resume_path,
+    run_identity,
     save_resume,
     set_lr,
 )
@@ -614,10 +614,12 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     reduce = None if job is None else partial(_ddp.all_reduce_sum_, job=job)
     weight_adversary = AWP(model, config.awp_gamma, reduce) if config.awp else None
     eps, alpha = config.eps_value, config.alpha_value(method)
-    identity = _run_identity(config, method, len(x_train), dev)
-    first, logs = _ddp.agree(job, lambda: _resume(resume, identity, model, opt, gen, progress and main),
-                             lambda r: r[0], "the ranks would resume after different epochs: every rank must read "
-                             "the same resume state (on several machines, put --out on a filesystem they share)")
+    identity = run_identity(config, dev, method=asdict(method), n_train=len(x_train))
+    found = find_resume(resume, identity, job, epochs=config.epochs, speak=progress and main)
+    first, logs = 0, []
+    if found is not None:
+        load_resume(*found, model, opt, gen)
+        first, logs = int(found[1]["epochs_done"]), list(found[1]["logs"])
     step = first * steps_per_epoch
     bar = tqdm(total=config.epochs * steps_per_epoch, initial=step, disable=not (progress and main), unit="batch",
                dynamic_ncols=True)
@@ -659,41 +661,6 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     _ddp.collect(job)
     model.eval()
     return logs
-
-
-def _run_identity(config: AdversarialConfig, method: Method, n_train: int, device: torch.device) -> dict[str, Any]:
-    """What a resume state must match to be continued: the config, the method, the data size and
-    the device type (generator states differ between CPU and CUDA). Not the number of processes:
-    the random stream does not depend on it."""
-    from robustkit.core.config import config_to_dict
-
-    run = {"config": config_to_dict(config), "method": asdict(method), "n_train": n_train, "device_type": device.type}
-    return json.loads(json.dumps(run))  # as the file will hold it (tuples become lists)
-
-
-def _resume(path: Path | None, identity: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer,
-            gen: torch.Generator, speak: bool) -> tuple[int, list[dict[str, float]]]:
-    """The epoch to start at and the logs so far: the resume state's when ``path`` holds this run's
-    (loaded into ``model``, ``opt`` and ``gen``), else 0 and none."""
-    found = read_resume(path) if path is not None else None
-    if found is None:
-        return 0, []
-    tensors, info = found
-    for key, value in identity.items():
-        there = info.get(key)
-        if isinstance(value, dict) and isinstance(there, dict):
-            differs = sorted(k for k in value.keys() | there.keys() if value.get(k) != there.get(k))
-        else:
-            differs = [] if there == value else [""]
-        if differs:
-            name = f"{key}.{differs[0]}".rstrip(".")
-            raise ConfigError(f"{path} holds the state of another run (its {name} differs from this run's); "
-                              "delete it to start over, or choose another --out")
-    load_resume(tensors, info, model, opt, gen)
-    if speak:
-        print(f"resuming from {path}: {info['epochs_done']} of {identity['config']['epochs']} epochs done",
-              file=sys.stderr, flush=True)
-    return int(info["epochs_done"]), list(info["logs"])
 
 
 def _epoch_line(log: dict[str, float], epochs: int) -> str:

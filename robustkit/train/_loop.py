@@ -1,7 +1,7 @@
 """Pieces every trainer's epoch loop shares, written once: which weights decay, the order of an
 epoch's batches, setting the learning rate of a step, the running loss and accuracy of an epoch, the
 crop-and-flip augmentation, the index ranges a checkpoint's training block records and the per-epoch
-resume state.
+resume state (the adversarial loop's and airbench's).
 
 Each trainer keeps its own loop (airbench style: the loop is where a method's tricks are, and one
 reads it in one sitting); these are the lines that were the same in all of them.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustkit.core.errors import CheckpointError
+from robustkit.core.errors import CheckpointError, ConfigError
+from robustkit.distributed import Dist
+from robustkit.train import _ddp
 
 
 def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict]:
@@ -109,16 +112,28 @@ def resume_path(stem: Path) -> Path:
     return stem.with_name(stem.name + ".resume.safetensors")
 
 
+def run_identity(config: Any, device: torch.device, **more: Any) -> dict[str, Any]:
+    """What a resume state must match to be continued: the config, whatever else fixes the run
+    (``more``: the method, the data size) and the device type (generator states differ between CPU
+    and CUDA). Not the number of processes: the random stream does not depend on it."""
+    from robustkit.core.config import config_to_dict
+
+    run = {"config": config_to_dict(config), **more, "device_type": device.type}
+    return json.loads(json.dumps(run))  # as the file will hold it (tuples become lists)
+
+
 def save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
-                info: dict[str, Any]) -> None:
-    """Write the weights, buffers, optimizer state and generator state, plus ``info`` (JSON), to
-    ``path`` in one safetensors file, atomically: a run killed while writing leaves the previous
-    epoch's file whole. Tensors only, never a pickle, so loading it cannot run code."""
+                info: dict[str, Any], extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the weights, buffers, optimizer state and generator state, plus the trainer's ``extra``
+    tensors (an EMA) and ``info`` (JSON), to ``path`` in one safetensors file, atomically: a run
+    killed while writing leaves the previous epoch's file whole. Tensors only, never a pickle, so
+    loading it cannot run code."""
     from safetensors.torch import save_file
 
     opt_state = opt.state_dict()
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"opt.{i}.{k}": v for i, s in opt_state["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    tensors |= {f"extra.{k}": v for k, v in (extra or {}).items()}
     tensors["generator"] = gen.get_state()
     info = info | {"param_groups": opt_state["param_groups"]}
     tmp = path.with_name(path.name + ".tmp")
@@ -145,9 +160,41 @@ def read_resume(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | 
         raise CheckpointError(f"cannot read the resume state {path}: {e}; delete it to start the run over") from None
 
 
+def _this_runs(path: Path | None, identity: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """:func:`read_resume`, or a one-line error naming the first field of ``identity`` the file's
+    run differs in."""
+    found = read_resume(path) if path is not None else None
+    if found is None:
+        return None
+    for key, value in identity.items():
+        there = found[1].get(key)
+        if isinstance(value, dict) and isinstance(there, dict):
+            differs = sorted(k for k in value.keys() | there.keys() if value.get(k) != there.get(k))
+        else:
+            differs = [] if there == value else [""]
+        if differs:
+            name = f"{key}.{differs[0]}".rstrip(".")
+            raise ConfigError(f"{path} holds the state of another run (its {name} differs from this run's); "
+                              "delete it to start over, or choose another --out")
+    return found
+
+
+def find_resume(path: Path | None, identity: dict[str, Any], job: Dist | None, *, epochs: int,
+                speak: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The tensors and info of this run's resume state at ``path`` (the run's ``identity`` must
+    match the file's), or None when there is none. Every rank reads it and all must find the same
+    epoch; ``speak`` says on stderr where the run continues."""
+    found = _ddp.agree(job, lambda: _this_runs(path, identity), lambda f: None if f is None else f[1]["epochs_done"],
+                       "the ranks would resume after different epochs: every rank must read the same resume "
+                       "state (on several machines, put --out on a filesystem they share)")
+    if found is not None and speak:
+        print(f"resuming from {path}: {found[1]['epochs_done']} of {epochs} epochs done", file=sys.stderr, flush=True)
+    return found
+
+
 def load_resume(tensors: dict[str, torch.Tensor], info: dict[str, Any], model: nn.Module,
-                opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
-    """Put what :func:`save_resume` wrote back into ``model``, ``opt`` and ``gen``."""
+                opt: torch.optim.Optimizer, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Put what :func:`save_resume` wrote back into ``model``, ``opt`` and ``gen``; return its ``extra``."""
     model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -156,3 +203,4 @@ def load_resume(tensors: dict[str, torch.Tensor], info: dict[str, Any], model: n
             state.setdefault(int(index), {})[name] = value  # load_state_dict moves it to the parameter's device
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
     gen.set_state(tensors["generator"])
+    return {k.removeprefix("extra."): v for k, v in tensors.items() if k.startswith("extra.")}

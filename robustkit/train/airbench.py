@@ -21,6 +21,9 @@ permutes the whole set with the same generator and trains on its share of each g
 ``batch_size``, so the augmentation stream is one process's; BatchNorm uses each share's statistics
 unless ``sync_bn`` (CUDA) makes them the global batch's.
 
+A run keeps a per-epoch resume state beside its checkpoint (:func:`_restore`), as the adversarial
+loop does: the same command continues a killed run, to the weights an uninterrupted run ends with.
+
 ``robustkit train airbench94 --help`` lists the config; the GPU benchmark against the reference is
 ``python eval/benchmarks/airbench.py`` (a developer benchmark in the repository).
 """
@@ -53,7 +56,14 @@ from robustkit.models.airbench import (
     tta_logits,
 )
 from robustkit.train import _ddp
-from robustkit.train._loop import index_ranges
+from robustkit.train._loop import (
+    find_resume,
+    index_ranges,
+    load_resume,
+    resume_path,
+    run_identity,
+    save_resume,
+)
 from robustkit.train.base import RunOptions, register_trainer
 
 # --------------------------------------------------------------------------------------------
@@ -269,16 +279,22 @@ class Loader:
     def __len__(self) -> int:
         return len(self.images) // self.batch_size
 
-    def epoch_images(self, epoch: int) -> torch.Tensor:
-        """The whole augmented training set of ``epoch`` (in stored order). Epoch 0 must come first."""
-        x = self.images
-        if self._base is None:  # first epoch: the one-off preprocessing (timed, as in the paper)
+    def preprocess(self, gen: torch.Generator | None = None) -> torch.Tensor:
+        """The pre-flipped, padded set, made once: in the first epoch from the loader's generator
+        (timed, as in the paper), or from ``gen`` when a resumed run remakes it (a generator in the
+        state the run's was in when its first epoch began: the pre-flip is that one's first draw)."""
+        if self._base is None:
+            x = self.images
             if self.flip == "alternating":
-                x = _random_flip(x, self.gen)
+                x = _random_flip(x, gen if gen is not None else self.gen)
             if self.translate > 0:
                 x = F.pad(x, (self.translate,) * 4, mode="reflect")
             self._base = x
-        x = self._base
+        return self._base
+
+    def epoch_images(self, epoch: int) -> torch.Tensor:
+        """The whole augmented training set of ``epoch`` (in stored order). Epoch 0 must come first."""
+        x = self.preprocess()
         if self.translate > 0:
             x = _crop(x, self.images.shape[-2:], self.gen)
         if self.cutout > 0:
@@ -319,6 +335,17 @@ class Lookahead:
             ema, lv = self.groups.setdefault((t.device, t.dtype), ([], []))
             ema.append(t.detach().clone())
             lv.append(t)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The EMA tensors by position (what a resume state keeps: between updates the live
+        network has moved on from them)."""
+        return {f"lookahead.{i}": t for i, t in enumerate(t for ema, _ in self.groups.values() for t in ema)}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy :meth:`state`'s tensors back into the EMA (in place: devices, dtypes and layouts stay)."""
+        for i, t in enumerate(t for ema, _ in self.groups.values() for t in ema):
+            t.copy_(state[f"lookahead.{i}"])
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
@@ -456,9 +483,12 @@ class _Steps:
     job: Dist | None = None  # a torchrun job: train on this rank's share of each global batch
     step: int = 0
 
-    def epoch(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], train_bias: bool) -> tuple[Any, ...]:
-        """Train one epoch (or until ``total_steps``); return the last batch's (logits, loss, labels)."""
+    def epoch(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], epoch: int) -> tuple[Any, ...]:
+        """Train epoch ``epoch`` (or until ``total_steps``); return the last batch's (logits, loss, labels)."""
         hp, model, opt = self.hp, self.model, self.opt
+        train_bias = epoch < hp.whiten_bias_epochs
+        if not self.compiled and self.job is None:
+            model.whiten.bias.requires_grad_(train_bias)
         model.train()
         for x, y in batches:
             part = _ddp.share(len(x), self.job)
@@ -487,28 +517,35 @@ class _Steps:
                 break
         return out, loss, y
 
+    def save(self, path: Path, gen: torch.Generator, info: dict[str, Any]) -> None:
+        """Write the resume state (on rank 0): what :func:`_restore` puts back, ``info`` included."""
+        extra = self.lookahead.state() if self.lookahead is not None else None
+        _ddp.on_main(self.job, partial(save_resume, path, self.model, self.opt, gen, info | {"step": self.step}, extra))
+
 
 def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval: torch.Tensor | None = None,
         y_eval: torch.Tensor | None = None, hp: AirbenchConfig = AIRBENCH94, *, device: str | torch.device = "cpu",
         progress: bool = True, log_every_epoch: bool = True, timing: RegionTimer | None = None,
-        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[dict[str, Any]], None] | None = None, resume: Path | None = None) -> dict[str, Any]:
     """Train ``model`` in place with the recipe ``hp`` (its seed, dtype and compile included); return the logs.
 
-    ``x_train``: float N x C x H x W in [0, 1], or uint8 N x H x W x C; any device (moved to
-    ``device`` with the labels, untimed, like the reference's loader constructor). When ``x_eval``
-    is given, each epoch logs its TTA-0 accuracy (untimed) and the end runs the TTA-``hp.tta_level``
-    evaluation (timed, as the paper's "final evaluation"). ``timing`` (made here if None) gets
-    exactly the paper's timed regions: the whitening initialisation, every epoch's training loop
-    including the first epoch's preprocessing, and the final TTA evaluation — not moving data,
-    building the model, per-epoch logging or compilation (warm up with a first call).
+    ``x_train``: float N x C x H x W in [0, 1], or uint8 N x H x W x C; any device (moved to ``device``
+    with the labels, untimed, like the reference's loader constructor). When ``x_eval`` is given, each
+    epoch logs its TTA-0 accuracy (untimed) and the end runs the TTA-``hp.tta_level`` evaluation (timed,
+    as the paper's "final evaluation"). ``timing`` (made here if None) gets exactly the paper's timed
+    regions: the whitening initialisation, every epoch's training loop including the first epoch's
+    preprocessing, and the final TTA evaluation — not moving data, building the model, per-epoch
+    logging or compilation (warm up with a first call).
 
-    ``compile`` compiles the forward pass once. The reference keeps two compiled copies because
-    flipping ``requires_grad`` on the whitening bias at epoch 3 forces a recompile; here the bias
-    keeps requires_grad and its gradient is dropped before each optimizer step once frozen, which
-    the optimizer treats exactly like a frozen parameter, with one graph and no copy.
+    ``compile`` compiles the forward pass once. The reference keeps two compiled copies because flipping
+    ``requires_grad`` on the whitening bias at epoch 3 forces a recompile; here the bias keeps
+    requires_grad and its gradient is dropped before each optimizer step once frozen, which the
+    optimizer treats exactly like a frozen parameter, with one graph and no copy.
 
-    In a ``torchrun`` job each rank trains on its share of every global batch (:func:`_data_parallel`);
-    rank 0 alone evaluates, logs and calls ``on_epoch``.
+    ``resume``: a file for the state after each epoch but the last (:func:`_restore`); a run whose
+    state it holds continues from there. In a ``torchrun`` job each rank trains on its share of
+    every global batch (:func:`_data_parallel`); rank 0 alone evaluates, logs, writes ``resume``
+    and calls ``on_epoch``.
     """
     from tqdm.auto import tqdm
 
@@ -526,43 +563,41 @@ def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval
             torch.cuda.set_device(dev)
     autocast = _place(model, dev, dt)  # untimed: "building the model"
 
-    # -- data on the device (untimed: the reference's CifarLoader constructor)
-    images = to_images(x_train, dev, dt)
-    # cutout fills with the mean pixel: 0 after normalisation, which is what the reference's
-    # zero-fill of normalised images means in our [0, 1] pixel space
-    fill = model.normalize.mean.to(device=dev, dtype=dt).view(1, -1, 1, 1)
-    loader = Loader(images, y_train.to(dev), batch_size=hp.batch_size, flip=hp.flip, translate=hp.translate,
-                    cutout=hp.cutout, fill=fill, gen=gen)
+    loader = _loader(model, x_train, y_train, hp, dev, dt, gen)  # untimed: the reference's CifarLoader()
     eval_images = to_images(x_eval, dev, dt) if x_eval is not None else None
     eval_labels = y_eval.to(dev) if y_eval is not None else None
     total_steps = math.ceil(len(loader) * hp.epochs)
     if total_steps < 1:
         raise ConfigError(f"{hp.epochs} epochs of {len(loader)} batches is no training step")
-    _ddp.check_shares(len(images), hp.batch_size, job, drop_last=True)
+    _ddp.check_shares(len(loader.images), hp.batch_size, job, drop_last=True)
 
     opt, sgd = make_optimizer(model, hp, fused=cuda)
     forward = _compiled(model, "logits", mode) if mode else model.logits
-    bar = tqdm(total=total_steps, desc=f"airbench {hp.widths}", unit="step", disable=not (progress and main),
-               leave=False)
+    identity = run_identity(hp, dev, trainer=hp.variant, n_train=len(loader.images))
+    found = find_resume(resume, identity, job, epochs=math.ceil(hp.epochs), speak=progress and main)
+    bar = tqdm(total=total_steps, initial=found[1]["step"] if found else 0, desc=f"airbench {hp.widths}", unit="step",
+               disable=not (progress and main), leave=False)
     logs: list[dict[str, Any]] = []
     final: float | None = None
     try:
-        with timer.region("whitening init"):
-            init_whitening(model, images[: hp.whiten_images], hp.whiten_eps)
+        if found is None:  # resumed: the whitening filters are among the weights the state holds
+            with timer.region("whitening init"):
+                init_whitening(model, loader.images[: hp.whiten_images], hp.whiten_eps)
         # Snapshot after the whitening init (the reference snapshots before it, so ~1e-6 of the
         # default conv init leaks into its frozen whitening filters at the first update).
         lookahead = Lookahead(model) if hp.lookahead else None
+        logs, step = _restore(found, model, opt, gen, lookahead, loader, timer, hp.seed) if found else ([], 0)
         # DDP after the whitening init and the optimizer's BatchNorm groups
         train_forward = forward if job is None else _data_parallel(model, dev, job, hp)
-        steps = _Steps(model, hp, opt, train_forward, autocast, lookahead, total_steps, bool(mode), bar.update, job)
-        for epoch in range(math.ceil(hp.epochs)):
-            train_bias = epoch < hp.whiten_bias_epochs
-            if not mode and job is None:
-                model.whiten.bias.requires_grad_(train_bias)
+        steps = _Steps(model, hp, opt, train_forward, autocast, lookahead, total_steps, bool(mode), bar.update, job,
+                       step)
+        for epoch in range(len(logs), math.ceil(hp.epochs)):
             with timer.region(f"epoch {epoch + 1}"):
-                out, loss, y = steps.epoch(loader.batches(epoch), train_bias)
+                out, loss, y = steps.epoch(loader.batches(epoch), epoch)
             # -- untimed per-epoch log: the last batch, like the reference, + TTA-0 eval accuracy
             log: dict[str, Any] = {"epoch": epoch + 1, "steps": steps.step, "seconds": timer.regions[-1][1]}
+            if found is not None and epoch == found[1]["epochs_done"]:
+                log["resumed_from_epoch"] = epoch
             if log_every_epoch:
                 log.update(_last_batch_log(out, loss, y, job))
                 if main and eval_images is not None and eval_labels is not None:
@@ -573,6 +608,8 @@ def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval
             logs.append(log)
             if on_epoch is not None and main:
                 on_epoch(log)
+            if resume is not None and steps.step < total_steps:
+                steps.save(resume, gen, identity | {"epochs_done": epoch + 1, "logs": logs, "regions": timer.regions})
         if main and eval_images is not None and eval_labels is not None:
             eval_fn = _compiled(model, f"tta{hp.tta_level}", mode) if mode else None
             with timer.region(f"tta{hp.tta_level} eval"), autocast:
@@ -586,6 +623,35 @@ def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval
             "timed_seconds": timer.total, "regions": [{"name": n, "seconds": s} for n, s in timer.regions],
             "final_tta_level": hp.tta_level, "final_eval_acc": final, "dtype": str(dt).replace("torch.", ""),
             "compile": mode, "sgd": sgd}
+
+
+def _loader(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, hp: AirbenchConfig,
+            device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> Loader:
+    """The training set on ``device`` in ``dtype``, in the augmenting :class:`Loader` of ``hp``."""
+    # cutout fills with the mean pixel: 0 after normalisation, which is what the reference's
+    # zero-fill of normalised images means in our [0, 1] pixel space
+    fill = model.normalize.mean.to(device=device, dtype=dtype).view(1, -1, 1, 1)
+    return Loader(to_images(x_train, device, dtype), y_train.to(device), batch_size=hp.batch_size, flip=hp.flip,
+                  translate=hp.translate, cutout=hp.cutout, fill=fill, gen=gen)
+
+
+def _restore(found: tuple[dict[str, torch.Tensor], dict[str, Any]], model: AirbenchNet, opt: torch.optim.SGD,
+             gen: torch.Generator, lookahead: Lookahead | None, loader: Loader, timer: RegionTimer,
+             seed: int) -> tuple[list[dict[str, Any]], int]:
+    """Put a run back as its resume state left it; return its epochs' logs and its step count.
+
+    The file holds the weights (the whitening filters and BatchNorm statistics among them), the
+    momentum buffers, the lookahead EMA, the generator and the step (the lr schedule's and the
+    lookahead's position); the pre-flipped set is remade from a fresh generator of the run's seed,
+    which is what drew it (so it need not be saved: it is as large as the data). The earlier
+    epochs' timed regions are kept, so the timings cover the whole run."""
+    tensors, info = found
+    loader.preprocess(torch.Generator(device=gen.device).manual_seed(seed))
+    extra = load_resume(tensors, info, model, opt, gen)
+    if lookahead is not None:
+        lookahead.load_state(extra)
+    timer.regions.extend((name, seconds) for name, seconds in info["regions"])
+    return list(info["logs"]), int(info["step"])
 
 
 def _data_parallel(model: AirbenchNet, device: torch.device, job: Dist, hp: AirbenchConfig) -> nn.Module:
@@ -694,7 +760,9 @@ def _print_epoch(log: dict[str, Any], measured: str) -> None:
                   description="airbench94 (Jordan 2024): standard CIFAR-10 training, 94% in 3.3 s on an A100")
 def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
     """Train an airbench variant on a robustkit dataset, measure it at TTA 0/1/2, save the checkpoint
-    (in a ``torchrun`` job: rank 0 alone measures and writes; every rank returns the checkpoint)."""
+    (in a ``torchrun`` job: rank 0 alone measures and writes; every rank returns the checkpoint).
+    The run keeps its resume state beside the checkpoint (``OUT.resume.safetensors``) until the
+    checkpoint is written: the same command continues a killed run from its last finished epoch."""
     from robustkit.core.provenance import describe_device, training_run
 
     job = current()
@@ -710,8 +778,10 @@ def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
               f"{describe_device(run.device)}; torch {torch.__version__}", file=sys.stderr)
 
     t0, c0 = time.perf_counter(), time.process_time()
+    resume = resume_path(run.stem)
     result = fit(model, data.x_train, data.y_train, data.x_test, data.y_test, config, device=run.device,
-                 progress=run.progress, on_epoch=partial(_print_epoch, measured=measured) if run.progress else None)
+                 progress=run.progress, on_epoch=partial(_print_epoch, measured=measured) if run.progress else None,
+                 resume=resume)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     training = {
         "method": "airbench (Jordan 2024, arXiv 2404.00498), robustkit.train.airbench",
@@ -727,7 +797,10 @@ def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
         "final_eval_acc_in_training_precision": result["final_eval_acc"],
         "epochs_log": result["epochs"],
     }
-    return _ddp.on_main(job, lambda: _measure_and_save(model, data, config, arch_args, training, run.out))
+    checkpoint = _ddp.on_main(job, lambda: _measure_and_save(model, data, config, arch_args, training, run.out))
+    if job is None or job.is_main:
+        resume.unlink(missing_ok=True)  # the checkpoint is written: nothing left to resume
+    return checkpoint
 
 
 def _measure_and_save(model: AirbenchNet, data: _Data, config: AirbenchConfig, arch_args: dict[str, Any],
