@@ -6,6 +6,10 @@ a user's clone — and run in CI, where ../shared sits beside the checkout.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -104,3 +108,35 @@ class MixedStandIn(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_gamma(x)[0]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _stat(pid: int) -> list[str]:
+    """``/proc/PID/stat`` after the command name: state, parent, group, session, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int(_stat(int(entry.name))[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the running ``proc`` and every process below it. Its session alone is not enough:
+    torchrun starts each worker in a session of its own, and a worker outliving its agent runs on."""
+    tree, todo = [], [proc.pid] if proc.poll() is None else []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children(pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()

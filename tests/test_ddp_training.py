@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import children, kill_all
 from safetensors.torch import load_file
 
 from robustkit.cli import main
@@ -117,35 +118,6 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     for f in (proc.stdout, proc.stderr):
         f.seek(0)  # type: ignore[union-attr]
     return proc.stderr.read()  # type: ignore[union-attr]
-
-
-def _stat(pid: int) -> list[str]:
-    """``/proc/PID/stat`` after the command name: state, parent, group, session, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int(_stat(int(entry.name))[1]) == pid:
-                    found.append(int(entry.name))
-    return found
-
-
-def kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL the running ``proc`` and every process below it. Its session alone is not enough:
-    torchrun starts each worker in a session of its own, and a worker outliving its agent runs on."""
-    tree, todo = [], [proc.pid] if proc.poll() is None else []
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children(pid)
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
 
 
 def rank_pid(proc: subprocess.Popen, rank: int) -> int | None:

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import kill_all
 
 from robustkit.cli import main
 
@@ -45,13 +46,12 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """``subprocess.run`` that, on a timeout, kills the whole process group (torchrun's workers too)."""
+    """``subprocess.run`` that, on a timeout, kills everything it started (torchrun's workers too)."""
     proc = _popen(cmd, cwd, env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        kill_all(proc)
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
@@ -158,8 +158,7 @@ def test_two_nodes_on_a_localhost_rendezvous(single, tiny_checkpoint, tmp_path):
         outs = [p.communicate(timeout=240) for p in nodes]
     finally:
         for p in nodes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            kill_all(p)
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
     job = json.loads((tmp_path / "r.json").read_text())
     _same_flags(job, single["pgd"])
@@ -178,8 +177,7 @@ def _kill_rank1_when(records: Path, stage: str, proc: subprocess.Popen, at_least
                 os.kill(pid, signal.SIGKILL)
                 return
         time.sleep(0.02)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+    kill_all(proc)
     raise AssertionError("the job finished before rank 1 could be killed; make it longer")
 
 
@@ -205,8 +203,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[str, str]:
     try:
         return proc.communicate(timeout=timeout)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_all(proc)  # only what is still running (torchrun puts each worker in a session of its own)
 
 
 def _check_resumed(folder: Path, single_long: dict) -> None:
