@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check that the results are the N parts of one evaluation (same model, checkpoint, attack, "
         "data, seed and batch size; every part once) and write the result a single run writes: flags in "
         "example order, stage counts and passes summed, per-class accuracy recomputed. Says whether the "
-        "merged flags are identical to a single run's (attacks with per-example randomness: pgd, fgsm) or "
+        "merged flags are identical to a single run's (attacks with per-example randomness: pgd, fgsm, square) or "
         "valid worst-case flags but not batch-exact (the reference AutoAttack re-seeds per batch).",
         epilog="example:\n  for i in 0 1 2 3; do robustkit eval --model small_cnn --attack pgd --shard $i/4 "
         "--out r.shard$i.json; done\n  robustkit merge r.shard*.json --out r.json\n",

@@ -435,7 +435,9 @@ def _gradient_masking_hints(attack: Attack, stages: list[StageResult], checks: d
     """AutoAttack's own flag: a black-box attack that beats the gradient attacks hints at masking."""
     by_name = {s.name: s for s in stages}
     square = by_name.get("square")
-    if square is not None and square.n_broken > 0:
+    # only after gradient stages: a standalone Square (robustkit's own `--attack square`) proves nothing
+    after_gradients = [s.name for s in stages[1:]][:1] != ["square"]
+    if square is not None and square.n_broken > 0 and after_gradients:
         msg = (f"Square (black-box) broke {square.n_broken} example(s) the gradient attacks could not: "
                "a sign of gradient masking; consider an adaptive attack")
         checks["square_broke_points"] = square.n_broken

@@ -8,8 +8,8 @@ single run writes: flags in example order, stage counts and passes summed, per-c
 recomputed from the labels each part records.
 
 Whether the merged flags equal a single run's depends on the attack. For one whose per-example
-result does not depend on the batch (``Attack.batch_invariant``: robustkit's ``pgd`` and ``fgsm``,
-which draw each example's random start from (seed, stage, example)) they are identical. The
+result does not depend on the batch (``Attack.batch_invariant``: robustkit's ``pgd``, ``fgsm`` and
+``square``, which draw each example's randomness from (seed, stage, example)) they are identical. The
 reference AutoAttack re-seeds every batch, so an example's random start depends on its batch
 neighbours: merged flags are valid worst-case flags (every example attacked by the whole protocol,
 within budget) but not the batch-exact flags of a single run; a torchrun job gives those.
