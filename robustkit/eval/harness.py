@@ -292,12 +292,12 @@ def _share_of(job: Dist | None, store: RecordStore, stage: str, examples: list[i
 
     The deal goes on where the previous stage's left off, so the late stages of AutoAttack, often a
     single batch of survivors each, fall to different ranks instead of all to rank 0."""
-    todo = [b for b in range(-(-len(examples) // batch_size)) if not store.is_committed(stage, b)]
+    unfinished = [b for b in range(-(-len(examples) // batch_size)) if not store.is_committed(stage, b)]
     if job is None:
-        return todo
+        return unfinished
     start = store.dealt
-    store.dealt += len(todo)
-    return [b for j, b in enumerate(todo) if (start + j) % job.world_size == job.rank]
+    store.dealt += len(unfinished)
+    return [b for j, b in enumerate(unfinished) if (start + j) % job.world_size == job.rank]
 
 
 def _shared(job: Dist | None, store: RecordStore, work: Callable[[], None]) -> None:
