@@ -55,6 +55,7 @@ class AutoAttack(Attack):
     """
 
     name = "autoattack"
+    engine = "reference"
 
     def __init__(
         self,

@@ -36,6 +36,11 @@ class Attack(abc.ABC):
     # example's index) and the attack draws each example's randomness from its own seed only. Its
     # flags are then the same at any batch size, order or sharding (``--shard`` + ``merge``).
     batch_invariant: bool = False
+    # Which AutoAttack engine produced a number, for the AutoAttack family only (None otherwise):
+    # "reference" (pyautoattack, RobustBench-comparable), "rk" (the standard protocol on robustkit's
+    # engine), "fast" (the screening version) or "custom". Recorded in the result JSON; what
+    # `leaderboard add` and `regress` key on.
+    engine: str | None = None
 
     def __init__(self, threat: ThreatModel) -> None:
         self.threat = threat

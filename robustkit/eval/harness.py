@@ -158,6 +158,7 @@ def evaluate(
         **subject_fields(subject, model, protocol["data_fingerprint"], provenance(dev)),
         attack=protocol["attack"],
         attack_config=protocol["attack_config"],
+        engine=attack.engine if attack else None,
         norm=attack.norm if attack else None,
         eps=attack.eps if attack else None,
         seed=int(seed),

@@ -76,10 +76,12 @@ class EvalResult:
     distributed: dict[str, Any] | None = None
     # one part of a --shard i/N run: which examples; `robustkit merge` joins the parts
     shard: dict[str, Any] | None = None
+    # the AutoAttack engine (Attack.engine: reference, rk, fast, custom); absent for other attacks
+    engine: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("distributed", "shard"):  # one-process, whole-data results keep their old keys
+        for key in ("distributed", "shard", "engine"):  # absent when None: results keep the keys they had
             if d[key] is None:
                 del d[key]
         out: dict[str, Any] = {"schema": RESULT_SCHEMA, "schema_version": RESULT_SCHEMA_VERSION}

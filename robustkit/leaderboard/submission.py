@@ -61,6 +61,10 @@ def comparability_problems(result: EvalResult, *, allow_subset: bool = False) ->
         desc += f", overrides {cfg.get('overrides')})" if cfg.get("overrides") else ")"
         why.append(f"attack_config: the attack is {desc}, not standard AutoAttack "
                    "(APGD-CE, APGD-T, FAB-T, Square with their defaults); run `--attack autoattack`")
+    elif result_engine(result) not in ("reference", "rk"):
+        why.append(f"engine: {result_engine(result)!r} is a screening version of AutoAttack on robustkit's engine "
+                   "(fewer targets, no FAB-T or Square), not the standard protocol; run `--attack autoattack` "
+                   "(the reference) or `--attack autoattack-rk`")
     ds, norm = result.dataset, result.norm
     if ds not in FULL_TEST_SET:
         why.append(f"dataset: RobustBench has no leaderboard for {ds!r} (it has "
@@ -86,6 +90,14 @@ def comparability_problems(result: EvalResult, *, allow_subset: bool = False) ->
         why.append("checks.deterministic: the model's outputs changed between two identical calls; "
                    "RobustBench admits only deterministic defenses")
     return why
+
+
+def result_engine(result: EvalResult) -> str:
+    """The AutoAttack engine behind a result: its ``engine`` field; results written before robustkit had
+    its own engine carry none and were all the reference's."""
+    if result.engine:
+        return result.engine
+    return "reference" if (result.attack_config or {}).get("name") != "autoattack-rk" else "custom"
 
 
 def entry_from_result(result: EvalResult, paper: PaperInfo, *, allow_subset: bool = False,
@@ -129,6 +141,7 @@ def entry_from_result(result: EvalResult, paper: PaperInfo, *, allow_subset: boo
         "seed": result.seed,
         "batch_size": result.batch_size,
         "attack": f"AutoAttack standard ({(result.attack_config or {}).get('implementation', 'pyautoattack')})",
+        "engine": result_engine(result),
         "stage_accuracy": {s.name: f"{100 * s.accuracy:.2f}" for s in result.stages},
         "forward_passes": result.passes.get("forward"),
         "backward_passes": result.passes.get("backward"),

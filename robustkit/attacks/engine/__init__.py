@@ -9,4 +9,8 @@ returns how many queries every example cost. The registered attacks that use the
 
 from robustkit.attacks.engine.square import square_l2, square_linf
 
-__all__ = ["square_l2", "square_linf"]
+# Bumped whenever a change to the engine can change a per-example result: results record it (as the
+# attack's "implementation"), and a regression re-run names the change when it differs.
+ENGINE_VERSION = 1
+
+__all__ = ["ENGINE_VERSION", "square_l2", "square_linf"]
