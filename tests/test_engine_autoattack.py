@@ -40,16 +40,15 @@ def test_every_stage_is_the_same_at_batch_sizes_1_7_64_and_in_any_order(tiny_mod
     assert len(flags) == 1 and len(stages) == 1
     robust = next(iter(flags))
     assert 0 < robust.count("1") < 40, "the test needs some points broken and some not"
-    # A shuffled order: the same examples in another order give each example the same verdict
-    # (the harness's seeds follow the example index, so shuffle the index with the data).
+    # Any order, stage by stage: each example's seed travels with it, so shuffling the batch gives
+    # every example the same adversarial image (up to the model's rounding) and the same verdict.
     perm = torch.randperm(40, generator=torch.Generator().manual_seed(1))
-    direct = {}
-    for order in (torch.arange(40), perm):
-        seeds = torch.tensor([1000 + int(i) for i in order])
-        adv = attack.perturb(tiny_model, x[order], y[order], stage="apgd-ce", seed=0, example_seeds=seeds)
-        pred = tiny_model(adv).argmax(1)
-        direct[tuple(order.tolist())] = {int(i): int(p) for i, p in zip(order, pred, strict=True)}
-    assert len({tuple(sorted(d.items())) for d in direct.values()}) == 1
+    seeds = torch.arange(1000, 1040)
+    for stage in attack.stages():
+        plain = attack.perturb(tiny_model, x, y, stage=stage, seed=0, example_seeds=seeds)
+        shuffled = attack.perturb(tiny_model, x[perm], y[perm], stage=stage, seed=0, example_seeds=seeds[perm])
+        assert torch.allclose(shuffled, plain[perm], atol=1e-5), stage
+        assert torch.equal(tiny_model(shuffled).argmax(1), tiny_model(plain[perm]).argmax(1)), stage
 
 
 def test_broken_points_cost_nothing_more_and_passes_add_up(tiny_model, synthetic_test):
@@ -175,3 +174,21 @@ def test_the_model_gets_its_weights_back_untouched(tiny_model, synthetic_test):
     for stage in attack.stages():
         attack.perturb(tiny_model, x, y, stage=stage, seed=0)
     assert {n: (p.data_ptr(), p.stride(), p.grad) for n, p in tiny_model.named_parameters()} == before
+
+
+def test_regress_never_gates_one_engine_with_another(tiny_model, synthetic_test, tmp_path):
+    import dataclasses
+
+    from robustkit.eval.regress import MISMATCH, OK, Baseline, compare
+
+    x, y = synthetic_test[0][:8], synthetic_test[1][:8]
+    r = evaluate(tiny_model, create_attack("autoattack-fast", eps=4 / 255, n_iter=4), x, y, batch_size=8, seed=0,
+                 device="cpu", progress=False)
+    baseline = Baseline(tmp_path / "b.json", "auto", 0.05, "robustkit eval ...", r)
+    assert compare(baseline, r).verdict == OK
+    other = dataclasses.replace(r, engine="fast")
+    verdict = compare(baseline, other)
+    assert verdict.verdict == MISMATCH and "custom" in verdict.reason and "fast" in verdict.reason
+    # A result written before results named their engine: AutoAttack's was the reference's.
+    old = dataclasses.replace(r, engine=None, attack_config={**r.attack_config, "name": "autoattack"})
+    assert compare(Baseline(tmp_path / "o.json", "auto", 0.05, "cmd", old), other).verdict == MISMATCH

@@ -311,6 +311,15 @@ def _discordant(before: str, now: str) -> tuple[int, int]:
     return lost, gained
 
 
+def _engine(r: EvalResult) -> str | None:
+    """The AutoAttack engine of a result (None for other attacks); results older than the field
+    were measured by the reference when their attack is AutoAttack."""
+    if r.engine:
+        return r.engine
+    name = (r.attack_config or {}).get("name")
+    return "reference" if name in ("autoattack", "autoattack-adaptive") else None
+
+
 def _on_cpu(r: EvalResult) -> bool:
     return str(r.provenance.get("device", "")).startswith("cpu")
 
@@ -381,6 +390,11 @@ def compare(baseline: Baseline, now: EvalResult, *, mode: str | None = None,
         return cmp
     if now.robust_flags is None or len(now.robust_flags) != n:
         cmp.verdict, cmp.reason = MISMATCH, "the re-run has no per-example robust flags"
+        return cmp
+    engines = (_engine(before), _engine(now))
+    if engines[0] != engines[1]:  # a screening number never gates a protocol number, nor the reverse
+        cmp.verdict, cmp.reason = MISMATCH, f"the baseline was measured by the {engines[0]} AutoAttack engine, " \
+                                            f"the re-run by the {engines[1]} engine"
         return cmp
     cmp.clean_now = now.clean_flags.count("1") / n
     cmp.robust_now = now.robust_flags.count("1") / n
