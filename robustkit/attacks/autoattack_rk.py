@@ -29,9 +29,7 @@ APGD losses add ``w * BCEWithLogits(gamma, 1)``; FAB-T and Square attack the pla
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,6 +41,7 @@ from robustkit.attacks.base import Attack, register_attack
 from robustkit.attacks.engine import rng
 from robustkit.attacks.engine.apgd import apgd, apgd_targets
 from robustkit.attacks.engine.fab import fab_targeted
+from robustkit.attacks.engine.lean import lean_model
 from robustkit.attacks.engine.square import check_square_params, square_l2, square_linf
 from robustkit.core.errors import ConfigError
 from robustkit.core.threat import ThreatModel
@@ -141,7 +140,7 @@ class EngineAutoAttack(Attack):
             raise ValueError(f"{self.name} has the stages {self._stages}, got {stage!r}")
         seeds = example_seeds if example_seeds is not None else rng.derive_seeds(seed, x.shape[0])
         seeds = seeds.to(x.device)
-        with _fast_layout(model, x.detach()) as x:
+        with lean_model(model, x.detach()) as x:  # faster on a CPU, the same function
             if stage == "apgd-ce":
                 x_adv = apgd(model, x, y, norm=self.norm, eps=self.eps, seeds=seeds, loss="ce", n_iter=self.n_iter,
                              gamma_weight=self.w)[0]
@@ -206,27 +205,6 @@ def malt_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, *, 
     # A stable sort keeps the logit order among equal distances (e.g. zero gradients).
     order = dist.argsort(dim=1, stable=True)[:, :k]
     return candidates.gather(1, order)
-
-
-@contextlib.contextmanager
-def _fast_layout(model: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The images, and the model's convolution weights while the stage runs, in channels-last layout
-    on a CPU: oneDNN's convolutions and pooling are 1.3-1.6x faster on NHWC than on NCHW for every
-    model robustkit ships (eval/engines/README.md), and every tensor the attacks derive from ``x``
-    keeps the layout. Values are unchanged (the logits may differ in the last bits, as between two
-    batch sizes); the weights get their own layout back afterwards, whatever happens."""
-    if x.dim() != 4 or x.device.type != "cpu":
-        yield x
-        return
-    swapped = [(p, p.data) for p in model.parameters()
-               if p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last)]
-    try:
-        for p, data in swapped:
-            p.data = data.contiguous(memory_format=torch.channels_last)
-        yield x.contiguous(memory_format=torch.channels_last)
-    finally:
-        for p, data in swapped:
-            p.data = data
 
 
 def _check_stages(stages: object) -> list[str]:
