@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from robustkit.attacks.autoattack_rk import ENGINE_PRESETS
+
 # (model, attack family, n): n keeps one repeat of the reference to a few minutes on 2 CPU cores.
 # adaptive_smoothing at 50 images with the standard attacks is the README quickstart.
 MODELS: list[tuple[str, str, int]] = [
@@ -38,11 +40,7 @@ MODELS: list[tuple[str, str, int]] = [
     ("lightweight_cnn.mnist_partial", "standard", 200),
 ]
 ENGINES = ("reference", "rk", "fast")
-ATTACKS = {
-    "standard": {"reference": "autoattack", "rk": "autoattack-rk", "fast": "autoattack-fast"},
-    "adaptive": {"reference": "autoattack-adaptive", "rk": "autoattack-rk-adaptive",
-                 "fast": "autoattack-fast-adaptive"},
-}
+ATTACKS = ENGINE_PRESETS
 TARGETS = {"rk": 0.5, "fast": 0.2}
 
 

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from robustkit.attacks.autoattack_rk import ENGINE_PRESETS
+
 HERE = Path(__file__).resolve().parent
 # (model, family, n): family "standard" or "adaptive" picks the attacks below; MNIST gets 1,000 images.
 MODELS: list[tuple[str, str, int]] = [
@@ -38,11 +40,7 @@ MODELS: list[tuple[str, str, int]] = [
     ("lightweight_cnn.mnist_partial", "standard", 1000),
 ]
 ENGINES = ("reference", "rk", "fast")
-ATTACKS = {
-    "standard": {"reference": "autoattack", "rk": "autoattack-rk", "fast": "autoattack-fast"},
-    "adaptive": {"reference": "autoattack-adaptive", "rk": "autoattack-rk-adaptive",
-                 "fast": "autoattack-fast-adaptive"},
-}
+ATTACKS = ENGINE_PRESETS
 RK_MAX_EXCESS = 0.5  # points: the most rk / fast may read above the reference
 ALPHA = 0.05
 

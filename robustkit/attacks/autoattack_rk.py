@@ -55,6 +55,12 @@ VERSIONS: dict[str, dict[str, Any]] = {
     "fast": {"stages": ["apgd-ce", "apgd-t"], "n_iter": 100, "n_target_classes": 3, "target_ranking": "malt",
              "fab_iter": 100, "n_queries": 5000},
 }
+# The preset that runs each engine, for the standard attack and the adaptive one (adaptive smoothing).
+ENGINE_PRESETS: dict[str, dict[str, str]] = {
+    "standard": {"reference": "autoattack", "rk": "autoattack-rk", "fast": "autoattack-fast"},
+    "adaptive": {"reference": "autoattack-adaptive", "rk": "autoattack-rk-adaptive",
+                 "fast": "autoattack-fast-adaptive"},
+}
 # Every stage reduced to a couple of iterations: what the registry tests run.
 SMOKE = {"n_iter": 2, "n_target_classes": 1, "fab_iter": 2, "n_queries": 5}
 
