@@ -147,7 +147,10 @@ def test_bad_parameters_are_one_line_config_errors(bad, match):
 def test_versions_are_the_documented_protocols():
     assert VERSIONS["standard"]["stages"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert VERSIONS["standard"]["n_target_classes"] == 9 and VERSIONS["standard"]["n_queries"] == 5000
-    assert VERSIONS["fast"]["stages"] == ["apgd-ce", "apgd-t"] and VERSIONS["fast"]["target_ranking"] == "malt"
+    assert VERSIONS["standard"]["fab_target_classes"] == 9 and VERSIONS["standard"]["target_ranking"] == "logit"
+    fast = VERSIONS["fast"]
+    assert fast["stages"] == ["apgd-ce", "apgd-t", "fab-t"] and fast["target_ranking"] == "malt"
+    assert fast["n_target_classes"] == 3 and fast["fab_target_classes"] == 1
 
 
 def test_cli_fast_and_shards_merge_to_the_single_run(tiny_checkpoint, tmp_path, capsys):
