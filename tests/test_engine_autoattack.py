@@ -195,3 +195,32 @@ def test_regress_never_gates_one_engine_with_another(tiny_model, synthetic_test,
     # A result written before results named their engine: AutoAttack's was the reference's.
     old = dataclasses.replace(r, engine=None, attack_config={**r.attack_config, "name": "autoattack"})
     assert compare(Baseline(tmp_path / "o.json", "auto", 0.05, "cmd", old), other).verdict == MISMATCH
+
+
+def _strength_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "engines" / "strength.py"
+    spec = importlib.util.spec_from_file_location("engine_strength", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_strength_statistics_against_scipy():
+    from scipy.stats import binomtest
+
+    strength = _strength_script()
+    for b, c in [(0, 0), (0, 3), (5, 1), (7, 7), (2, 11), (30, 12)]:
+        want = 1.0 if b + c == 0 else binomtest(b, b + c, 0.5).pvalue
+        assert math.isclose(strength.mcnemar_two_sided(b, c), want, rel_tol=1e-9), (b, c)
+    assert strength.agreement("1100", "1010") == {"both_robust": 1, "only_reference_robust": 1,
+                                                 "only_other_robust": 1, "both_broken": 1}
+    results = {e: {"robust_flags": f, "clean_flags": "1111", "clean_accuracy": 1.0, "robust_accuracy": f.count("1") / 4,
+                   "timing": {"total_seconds": 1.0}, "passes": {}, "_path": e}
+               for e, f in (("reference", "1100"), ("rk", "1100"), ("fast", "1110"))}
+    row = strength.summarise("m", "standard", 4, results)
+    assert row["worst_case_accuracy"] == 0.5 and row["versus_reference"]["rk"]["target_met"]
+    assert row["versus_reference"]["fast"]["points_above_reference"] == 25.0
+    assert not row["versus_reference"]["fast"]["target_met"]

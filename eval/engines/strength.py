@@ -194,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     summary = {"schema": "robustkit.engine-strength", "schema_version": 1,
                "command": "python eval/engines/strength.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
-               "alpha": ALPHA, "max_points_above_reference": RK_MAX_EXCESS, "rows": rows}
+               "alpha": ALPHA, "max_points_above_reference": RK_MAX_EXCESS,
+               "seconds_note": "each run's attack time while up to four jobs shared the 2-core machine, some "
+                               "paused for a while: not speed measurements (eval/benchmarks/engines.py is)",
+               "rows": rows}
     from robustkit.eval.results import write_json_atomic
 
     write_json_atomic(args.summary, summary)
