@@ -149,7 +149,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for k, e in enumerate([*ENGINES, "worst case"]):
         vals = [100 * (r["worst_case_accuracy"] if e == "worst case" else r["robust_accuracy"].get(e, math.nan))
                 for r in rows]
-        ax.bar([i + (k - 1.5) * width for i in range(len(rows))], vals, width, label=e, color=colours[e])
+        bars = ax.bar([i + (k - 1.5) * width for i in range(len(rows))], vals, width, label=e, color=colours[e])
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)  # a 0% bar is otherwise invisible
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("robust accuracy (%)")
     ax.set_title("AutoAttack engines on the same real test images (per-example worst case in black)", fontsize=9)
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true", help="show robustkit eval's progress bars")
+    p.add_argument("--finished-only", action="store_true",
+                   help="start no run: summarise the finished ones (a row needs its reference)")
     args = p.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
     if "reference" not in engines or set(engines) - set(ENGINES):
@@ -187,12 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for e in engines:
             path = result_path(out_dir, model, ATTACKS[family][e], n)
+            if args.finished_only and not path.exists():
+                continue
             results[e] = {**run_one(model, ATTACKS[family][e], n, path, args),
                           "_path": os.path.relpath(path, Path(args.summary).parent)}
-        rows.append(summarise(model, family, n, results))
+        if "reference" in results:
+            rows.append(summarise(model, family, n, results))
     md = markdown(rows)
     print(md)
-    summary = {"schema": "robustkit.engine-strength", "schema_version": 1,
+    missing = [f"{m} ({f}): {', '.join(e for e in engines if not result_path(out_dir, m, ATTACKS[f][e], n).exists())}"
+               for m, f, n in MODELS if (wanted is None or m in wanted)
+               and not all(result_path(out_dir, m, ATTACKS[f][e], n).exists() for e in engines)]
+    summary = {"schema": "robustkit.engine-strength", "schema_version": 1, "not_finished": missing,
                "command": "python eval/engines/strength.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                "alpha": ALPHA, "max_points_above_reference": RK_MAX_EXCESS,
                "seconds_note": "each run's attack time while up to four jobs shared the 2-core machine, some "
