@@ -88,7 +88,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 return "-"
             return f"{f[e]:.2f}x" + ("" if r["target_met"][e] else " **missed**")
 
-        passes = " / ".join(f"{(m[e]['forward_passes'] + m[e]['backward_passes']) / 1e3:,.0f}k" for e in m)
+        passes = " / ".join(f"{m[e]['forward_passes'] + m[e]['backward_passes']:,.0f}" for e in m)
         lines.append(f"| `{r['model']}` | {r['family']} | {r['n_examples']} | "
                      + " | ".join(f"{m[e]['attack_s']:.1f} s" if e in m else "-" for e in ENGINES)
                      + f" | {frac('rk')} | {frac('fast')} | {passes} |")
@@ -103,8 +103,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     from robustkit.eval.curve import save_figure_atomic
 
-    labels = [r["model"].split(".")[0] + (" (adaptive)" if r["family"] == "adaptive" else "") for r in rows]
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(rows) + 1.6))
+    labels = [r["model"] + (" (adaptive AA)" if r["family"] == "adaptive" else "") for r in rows]
+    fig, ax = plt.subplots(figsize=(9.0, 0.45 * len(rows) + 1.6))
     for k, (e, colour) in enumerate((("rk", "#55a868"), ("fast", "#dd8452"))):
         vals = [r["fraction_of_reference"].get(e, float("nan")) for r in rows]
         ax.barh([i + (k - 0.5) * 0.38 for i in range(len(rows))], vals, 0.38, label=e, color=colour)
