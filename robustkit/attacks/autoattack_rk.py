@@ -208,11 +208,11 @@ def malt_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int, *, 
     boundary under a first-order model is ``(z_y - z_t) / ||grad_x (z_y - z_t)||_*`` (dual norm of the
     threat: L1 for Linf, L2 for L2). One forward and ``n_candidates`` input-gradient backward passes.
     """
-    candidates = apgd_targets(model(x).detach(), n_candidates)  # highest logits first, y excluded
     rows = torch.arange(x.shape[0], device=x.device)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         logits = model(xg)
+        candidates = apgd_targets(logits.detach(), n_candidates)  # highest logits first, y excluded
         dist = torch.empty(candidates.shape, dtype=x.dtype, device=x.device)
         for j in range(candidates.shape[1]):
             gap = logits[rows, y] - logits[rows, candidates[:, j]]
