@@ -150,7 +150,7 @@ def test_versions_are_the_documented_protocols():
     assert VERSIONS["standard"]["fab_target_classes"] == 9 and VERSIONS["standard"]["target_ranking"] == "logit"
     fast = VERSIONS["fast"]
     assert fast["stages"] == ["apgd-ce", "apgd-t", "fab-t"] and fast["target_ranking"] == "malt"
-    assert fast["n_target_classes"] == 3 and fast["fab_target_classes"] == 1
+    assert fast["n_target_classes"] == 5 and fast["fab_target_classes"] == 1
 
 
 def test_cli_fast_and_shards_merge_to_the_single_run(tiny_checkpoint, tmp_path, capsys):

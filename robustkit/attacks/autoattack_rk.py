@@ -17,7 +17,7 @@ Two versions:
 9 classes of highest clean logit, 100 iterations each), FAB-T (the same 9 targets) and Square
 (5,000 queries) — AutoAttack's standard version, stage for stage.
 
-``fast`` (preset ``autoattack-fast``): a screening mode. APGD-CE; targeted APGD on the 3 classes
+``fast`` (preset ``autoattack-fast``): a screening mode. APGD-CE; targeted APGD on the 5 classes
 that a linear model of the logits puts closest (MALT, Melamed et al., NeurIPS 2024): for each
 candidate class ``t``, ``(z_y - z_t) / ||grad (z_y - z_t)||_*`` with the dual norm of the threat (L1
 for Linf, L2 for L2), smallest first; FAB-T on the one class of highest clean logit. No Square: on
@@ -53,7 +53,7 @@ RANKINGS = ("logit", "malt")
 VERSIONS: dict[str, dict[str, Any]] = {
     "standard": {"stages": list(STAGES), "n_iter": 100, "n_target_classes": 9, "target_ranking": "logit",
                  "fab_iter": 100, "fab_target_classes": 9, "n_queries": 5000},
-    "fast": {"stages": ["apgd-ce", "apgd-t", "fab-t"], "n_iter": 100, "n_target_classes": 3,
+    "fast": {"stages": ["apgd-ce", "apgd-t", "fab-t"], "n_iter": 100, "n_target_classes": 5,
              "target_ranking": "malt", "fab_iter": 100, "fab_target_classes": 1, "n_queries": 5000},
 }
 # The preset that runs each engine, for the standard attack and the adaptive one (adaptive smoothing).
