@@ -224,3 +224,45 @@ def test_strength_statistics_against_scipy():
     assert row["worst_case_accuracy"] == 0.5 and row["versus_reference"]["rk"]["target_met"]
     assert row["versus_reference"]["fast"]["points_above_reference"] == 25.0
     assert not row["versus_reference"]["fast"]["target_met"]
+
+
+def _bench_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "benchmarks" / "engines.py"
+    spec = importlib.util.spec_from_file_location("engine_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_speed_benchmark_resumes_a_killed_run(tmp_path, monkeypatch):
+    """Each finished run is on disk at once: a second invocation redoes only what the first did not
+    finish, and runs made under other settings are refused rather than mixed in."""
+    bench = _bench_script()
+    calls: list[tuple[str, str]] = []
+
+    def fake(model, attack, n, out, args):
+        calls.append((model, attack))
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # killed in the middle of the fourth run
+        t = {"autoattack": 10.0}.get(attack, 4.0 if "rk" in attack else 1.0)
+        return {"wall_s": t + 1, "attack_s": t, "robust_accuracy": 0.5, "forward_passes": 10,
+                "backward_passes": 5, "stage_seconds": {}}
+
+    monkeypatch.setattr(bench, "time_one", fake)
+    out = tmp_path / "bench.json"
+    argv = ["--models", "small_cnn.cifar10_partial,ltd.cifar10_partial", "--repeats", "2", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    assert len(calls) == 4 and not out.exists()
+    assert bench.main(argv) == 0  # every target met: rk at 0.4x (<= 0.5x), fast at 0.1x (<= 0.2x)
+    # 2 models x 3 engines x 2 repeats = 12 runs; the first 3 were kept, the 4th was redone.
+    assert len(calls) == 4 + 9
+    report = json.loads(out.read_text())
+    assert len(report["runs"]) == 12
+    row = report["rows"][0]
+    assert row["fraction_of_reference"] == {"rk": 0.4, "fast": 0.1}
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--threads", "2"])

@@ -9,6 +9,10 @@ model and engine: the median over repeats of the attack's time (``timing.total_s
 stage, clean pass included, start-up excluded), the end-to-end wall time, forward and backward
 image-passes, and the time as a fraction of the reference's. Targets (issue 17): rk <= 0.5x and
 fast <= 0.2x the reference on every model. A benchmark, never a timed test.
+
+With ``--out``, every finished run is appended to ``<out>.records.jsonl`` at once, so a killed
+benchmark resumes where it stopped when the same command is run again (a run in flight is lost;
+the settings must match, or it refuses to mix them).
 """
 
 from __future__ import annotations
@@ -59,6 +63,25 @@ def time_one(model: str, attack: str, n: int, out: Path, args: argparse.Namespac
     return {"wall_s": wall, "attack_s": res["timing"]["total_seconds"], "robust_accuracy": res["robust_accuracy"],
             "forward_passes": res["passes"]["forward"], "backward_passes": res["passes"]["backward"],
             "stage_seconds": {s["name"]: s["seconds"] for s in res["stages"]}}
+
+
+def load_records(path: Path | None, settings: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The runs a killed benchmark finished, keyed by (repeat, model, family, engine, n); starts the
+    file (settings first) when there is none. Runs under other settings are never mixed in."""
+    if path is None:
+        return {}
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings}) + "\n")
+        return {}
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not lines or lines[0].get("settings") != settings:
+        raise SystemExit(f"{path} holds runs made with other settings ({lines[0].get('settings') if lines else None}); "
+                         "delete it or choose another --out")
+    done = {(r["repeat"], r["model"], r["family"], r["engine"], r["n_examples"]): r for r in lines[1:]}
+    if done:
+        print(f"resuming: {len(done)} finished run(s) read from {path}", flush=True)
+    return done
 
 
 def summarise(runs: list[dict[str, Any]], rows: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
@@ -135,15 +158,26 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.models.split(",")) if args.models else None
     rows = [(m, f, args.n_examples or max(1, round(n * args.n_scale))) for m, f, n in MODELS
             if wanted is None or m in wanted]
+    settings = {"device": args.device, "threads": args.threads, "batch_size": args.batch_size,
+                "data_dir": args.data_dir}
+    records = Path(args.out).with_suffix(".records.jsonl") if args.out else None
+    done = load_records(records, settings)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rk-engine-bench-") as tmp:
         for rep in range(args.repeats):
             for model, family, n in rows:
                 for e in (ENGINES if rep % 2 == 0 else ENGINES[::-1]):
+                    key = (rep, model, family, e, n)
+                    if key in done:
+                        runs.append(done[key])
+                        continue
                     out = Path(tmp) / f"r{rep}-{len(runs)}.json"
-                    run = {"repeat": rep, "model": model, "family": family, "engine": e,
+                    run = {"repeat": rep, "model": model, "family": family, "engine": e, "n_examples": n,
                            **time_one(model, ATTACKS[family][e], n, out, args)}
                     runs.append(run)
+                    if records is not None:
+                        with records.open("a") as f:
+                            f.write(json.dumps(run) + "\n")
                     print(f"repeat {rep}: {model:<36} {family:<8} {e:<9} {run['attack_s']:8.1f} s attack, "
                           f"robust {100 * run['robust_accuracy']:.1f}%", flush=True)
     table = summarise(runs, rows)
