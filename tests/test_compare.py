@@ -95,6 +95,40 @@ def test_comparison_table_reads_checkpoints_and_results(tmp_path: Path) -> None:
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
 
 
+def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--dataset fashion_mnist``: every run gets that data, threat and augmentation, LTD also its
+    teacher; results are named and tables labelled for it, and an unknown dataset is a one-line error."""
+    from robustkit.core.errors import UnknownNameError
+
+    trained: dict[str, list[str]] = {}
+
+    def train(trainer: str, recipe: str, overrides: list[str], stem: Path, args: object, log: Path) -> None:
+        trained[stem.name] = overrides
+        _ckpt(stem.parent / (stem.name + ".json"), "ltd" if trainer == "ltd" else "pgd-at", "pgd-at", 0, 0)
+
+    def run(cmd: list[str], log: Path) -> None:
+        assert cmd[cmd.index("--dataset") + 1] == "fashion_mnist"
+        _result(Path(cmd[cmd.index("--out") + 1]), 0.80, 0.60 if "ltd" in cmd[cmd.index("--model") + 1] else 0.55, 0)
+
+    monkeypatch.setattr(compare, "_train", train)
+    monkeypatch.setattr(compare, "_run", run)
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    argv = ["--dataset", "fashion_mnist", "--runs", "pgd-at,pgd-at+ltd", "--out-dir", str(out), "--work-dir", str(work)]
+    assert compare.main(argv) == 0
+    common = ["dataset=fashion_mnist", "eps=0.1", "crop_pad=2"]
+    assert trained == {"pgd-at": common,
+                       "pgd-at_ltd": ["framework=pgd_at", *common, "teacher=small_cnn.fashion_mnist_partial"]}
+    assert sorted(f.name for f in out.glob("*.json")) == [
+        "pgd-at__autoattack__fashion_mnist-n1000-s0.json", "pgd-at_ltd__autoattack__fashion_mnist-n1000-s0.json",
+        "table.json"]
+    table = json.loads((out / "table.json").read_text())
+    assert table["dataset"] == "fashion_mnist" and table["paired_tests"][0]["robust"]["only_b"] == 50
+    assert "Linf 0.1, first 1000 real Fashion-MNIST test images" in (out / "table.md").read_text()
+    with pytest.raises(UnknownNameError, match="fashion_mnist"):
+        compare.main(["--dataset", "fashion-mnist", "--out-dir", str(out)])
+
+
 def test_comparison_refuses_a_result_without_training_facts(tmp_path: Path) -> None:
     from robustkit.core.errors import DataError
 

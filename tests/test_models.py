@@ -140,6 +140,13 @@ def test_augment_keeps_shape_and_range_and_is_seeded() -> None:
     c = crop_flip(x, 0, torch.Generator().manual_seed(1))
     assert all(torch.equal(ci, xi) or torch.equal(ci, xi.flip(2)) for ci, xi in zip(c, x, strict=True))
     assert not torch.equal(c, x)
+    # flip=False (digits): no mirror image, and a crop is a window of the padded image
+    assert torch.equal(crop_flip(x, 0, torch.Generator().manual_seed(1), flip=False), x)
+    d = crop_flip(x, 2, torch.Generator().manual_seed(1), flip=False)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
+    h, w = x.shape[2:]
+    for di, pi in zip(d, padded, strict=True):
+        assert any(torch.equal(di, pi[:, r:r + h, c:c + w]) for r in range(5) for c in range(5))
 
 
 def _fast_at(out: Path, **fields: object) -> dict:

@@ -118,7 +118,8 @@ class AdversarialConfig:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4  # conv/linear weights only: decaying BN scales and biases just fights BN
-    crop_pad: int = 4  # random crop from this reflect padding, plus a horizontal flip (0: flip only)
+    crop_pad: int = 4  # random crop from this reflect padding (0: none)
+    flip: bool = True  # random horizontal flips; off for digits, whose mirror images are not digits
     seed: int = 0  # init, data order, augmentation and attack starts
 
     # Threat model of training and of the final measurement.
@@ -630,7 +631,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
         stats = RunningStats()
         bar.set_description(f"epoch {epoch + 1}/{config.epochs}")
         for idx in epoch_batches(len(x_train), config.batch_size, gen):
-            x = crop_flip(x_train[idx].to(dev), config.crop_pad, gen)  # the whole global batch's draws
+            x = crop_flip(x_train[idx].to(dev), config.crop_pad, gen, flip=config.flip)  # the global batch's draws
             y = y_train[idx].to(dev)
             set_lr(opt, lr_at(step))
             loss, out, y_part = _train_step(net, opt, x, y, norm=config.norm, eps=eps * ramp, alpha=alpha * ramp,

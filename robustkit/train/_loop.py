@@ -70,10 +70,11 @@ class RunningStats:
         return self.correct / max(1, self.seen)
 
 
-def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, *, flip: bool = True) -> torch.Tensor:
     """Random crop (reflect-padded by ``pad``; 0 = none) + horizontal flip of a batch, tensor ops only.
 
     One gather per batch instead of a per-image Python loop: every image gets its own offset.
+    ``flip=False`` for data whose mirror images are other things (digits); it draws nothing for it.
     """
     n, _, h, w = x.shape
     if pad > 0:
@@ -85,8 +86,10 @@ def crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
         idx = torch.arange(n, device=x.device)[:, None, None, None]
         chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         x = xp[idx, chans, rows, cols]
-    flip = torch.rand(n, generator=gen, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    if not flip:
+        return x
+    flipped = torch.rand(n, generator=gen, device=x.device) < 0.5
+    return torch.where(flipped[:, None, None, None], x.flip(3), x)
 
 
 def index_ranges(indices: Iterable[int]) -> str:

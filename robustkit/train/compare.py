@@ -42,6 +42,18 @@ RUNS: dict[str, tuple[str, str, list[str]]] = {
     "trades+ltd": ("ltd", "ltd.toml", ["framework=trades"]),
 }
 
+# dataset -> what every run on it shares beyond the recipes (which are CIFAR-10's): the data, the threat
+# model and the augmentation for all four runs, and LTD's teacher, a fast-AT SmallCNN of the same data
+# as on CIFAR-10. Only these differ between datasets, so "the direction holds" compares like with like.
+DATASETS: dict[str, dict[str, Any]] = {
+    "cifar10": {"label": "CIFAR-10", "eps": "8/255", "all": [], "ltd": []},
+    # Linf 0.1: the usual Fashion-MNIST budget. Crops of a 2-pixel padding (28-pixel images); horizontal
+    # flips keep a garment a garment.
+    "fashion_mnist": {"label": "Fashion-MNIST", "eps": "0.1",
+                      "all": ["dataset=fashion_mnist", "eps=0.1", "crop_pad=2"],
+                      "ltd": ["teacher=small_cnn.fashion_mnist_partial"]},
+}
+
 
 def _run(cmd: list[str], log: Path) -> None:
     """Run a robustkit command, teeing its output into ``log`` (kept next to the artefacts)."""
@@ -172,6 +184,12 @@ def _overrides(shared: list[str]) -> list[str]:
     return [f"{flag.lstrip('-').replace('-', '_')}={value}" for flag, value in zip(shared[::2], shared[1::2], strict=True)]
 
 
+def _dataset_overrides(dataset: str, trainer: str) -> list[str]:
+    """The config overrides ``dataset`` gives a run of ``trainer`` (LTD also gets its teacher)."""
+    d = DATASETS[dataset]
+    return [*d["all"], *(d["ltd"] if trainer == "ltd" else [])]
+
+
 def _framework(training: dict[str, Any]) -> str | None:
     """The framework in the comparison's spelling (its run names): ``pgd-at`` or ``trades``."""
     framework = training.get("framework")
@@ -290,7 +308,7 @@ def _bools(flags: str | Sequence[Any]) -> list[bool]:
     return [c == "1" for c in flags] if isinstance(flags, str) else [bool(v) for v in flags]
 
 
-def render_markdown(rows: list[dict[str, Any]], command: str) -> str:
+def render_markdown(rows: list[dict[str, Any]], command: str, dataset: str = "cifar10") -> str:
     lines = [
         "| run | clean | AutoAttack | APGD-CE | Square/FAB-T broke after APGD | train time |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -302,7 +320,8 @@ def render_markdown(rows: list[dict[str, Any]], command: str) -> str:
             f"{100 * r['apgd_ce_acc']:.2f}% | {late} | {r['train_wall_s'] or 0:.0f} s |"
         )
     n = rows[0]["n_examples"] if rows else 0
-    lines += ["", f"Standard AutoAttack, Linf 8/255, first {n} real CIFAR-10 test images, seed 0."]
+    d = DATASETS[dataset]
+    lines += ["", f"Standard AutoAttack, Linf {d['eps']}, first {n} real {d['label']} test images, seed 0."]
     for t in paired_tests(rows):
         r, c = t["robust"], t["clean"]
         lines.append(
@@ -313,7 +332,7 @@ def render_markdown(rows: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "cifar10") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,7 +354,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("AutoAttack accuracy (%)")
     n = rows[0]["n_examples"] if rows else 0
-    ax.set_title(f"LTD at equal budget (CIFAR-10 subset, n={n}, Linf 8/255)", fontsize=9)
+    d = DATASETS[dataset]
+    ax.set_title(f"LTD at equal budget ({d['label']} subset, n={n}, Linf {d['eps']})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -371,8 +391,9 @@ def ablation(args: argparse.Namespace, shared: list[str], command: str) -> int:
                 rows.append(kept[(tau_t, tau_s)])
                 continue
             if not ckpt.exists():
-                _train("ltd", "ltd.toml", [f"tau_t={tau_t}", f"tau_s={tau_s}", f"holdout={args.holdout}",
-                                           "val_pgd_n=0", "n_test=1", *_overrides(shared)], stem, args, log)
+                _train("ltd", "ltd.toml", [*_dataset_overrides(args.dataset, "ltd"), f"tau_t={tau_t}",
+                                           f"tau_s={tau_s}", f"holdout={args.holdout}", "val_pgd_n=0", "n_test=1",
+                                           *_overrides(shared)], stem, args, log)
             training = json.loads(ckpt.read_text())["training"]
             last = training["epochs_log"][-1]
             rows.append({"tau_t": tau_t, "tau_s": tau_s, "framework": _framework(training),
@@ -387,8 +408,9 @@ def ablation(args: argparse.Namespace, shared: list[str], command: str) -> int:
         mark = " **(picked)**" if r is best else ""
         lines.append(f"| {r['tau_t']:g} | {r['tau_s']:g} | {100 * r['holdout_clean_acc']:.2f}% | "
                      f"{100 * r['holdout_pgd10_acc']:.2f}%{mark} | {r['train_wall_s']:.0f} s |")
+    d = DATASETS[args.dataset]
     lines += ["", f"LTD-{rows[0]['framework'].upper()}, scored on the last {rows[0]['holdout_n']} real "
-              "CIFAR-10 *training* images (held out; the test split is not used), PGD-10 Linf 8/255.",
+              f"{d['label']} *training* images (held out; the test split is not used), PGD-10 Linf {d['eps']}.",
               f"Reproduce: `{command}`"]
     md = "\n".join(lines) + "\n"
     from robustkit.eval.results import write_json_atomic
@@ -404,8 +426,10 @@ def ablation(args: argparse.Namespace, shared: list[str], command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m robustkit.train.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-dir", default=None, help="data root holding cifar10/{train,test}.npz")
-    p.add_argument("--out-dir", default="defenses/ltd_comparison", help="results and tables (committed)")
+    p.add_argument("--data-dir", default=None, help="data root holding <dataset>/{train,test}.npz")
+    p.add_argument("--dataset", default="cifar10", help=f"one of {', '.join(DATASETS)}")
+    p.add_argument("--out-dir", default=None,
+                   help="results and tables (committed; default defenses/ltd_comparison, _<dataset> unless CIFAR-10)")
     p.add_argument("--work-dir", default=None,
                    help="checkpoints and AutoAttack records (default: runs/<out-dir name>; not committed)")
     p.add_argument("--runs", default=",".join(RUNS), help=f"comma list from {', '.join(RUNS)}")
@@ -422,6 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tau-s", default="1,2", help="ablation: student temperatures")
     p.add_argument("--holdout", type=int, default=500, help="ablation: held-out train images")
     args = p.parse_args(argv)
+    checked_names(args.dataset, list(DATASETS), "comparison dataset")
+    if args.out_dir is None:
+        args.out_dir = "defenses/ltd_comparison" + ("" if args.dataset == "cifar10" else f"_{args.dataset}")
 
     command = "python -m robustkit.train.compare " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -456,12 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         stem = _work_dir(args) / name.replace("+", "_")
         ckpt = stem.parent / (stem.name + ".json")
         # the name `robustkit eval` gives (seed 0 is its default)
-        result = out / f"{result_stem(stem.name, args.attack, 'cifar10', args.n_examples, 0)}.json"
+        result = out / f"{result_stem(stem.name, args.attack, args.dataset, args.n_examples, 0)}.json"
         if not result.exists():
             if not ckpt.exists():  # the checkpoint JSON is written last: its presence means "trained"
-                _train(trainer, recipe, [*extra, *_overrides(shared)], stem, args, log)
+                _train(trainer, recipe, [*extra, *_dataset_overrides(args.dataset, trainer), *_overrides(shared)],
+                       stem, args, log)
             scratch = stem.parent / result.name  # its records (resume state) stay in the work folder
-            _run(exe + ["eval", "--model", str(stem) + ".safetensors", "--dataset", "cifar10",
+            _run(exe + ["eval", "--model", str(stem) + ".safetensors", "--dataset", args.dataset,
                         "--attack", args.attack, "--n-examples", str(args.n_examples), *data,
                         "--device", args.device, "--out", str(scratch)]
                  + (["--no-progress"] if args.no_progress else []), log)
@@ -473,13 +501,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(_row(name, facts, result))
 
     table = {"schema": "robustkit.ltd_comparison", "schema_version": 1, "command": command,
-             "shared_train_overrides": shared, "device": args.device,
+             "shared_train_overrides": shared, "device": args.device, "dataset": args.dataset,
+             "dataset_train_overrides": {t: _dataset_overrides(args.dataset, t) for t in ("pgd_at", "ltd")},
              "rows": [{k: v for k, v in r.items() if not k.endswith("_flags")} for r in rows],
              "paired_tests": paired_tests(rows)}
     write_json_atomic(out / "table.json", table)
-    md = render_markdown(rows, command)
+    md = render_markdown(rows, command, args.dataset)
     (out / "table.md").write_text(md)
-    plot(rows, out / "table.png")
+    plot(rows, out / "table.png", args.dataset)
     print(md)
     print(f"done in {time.perf_counter() - t0:.0f}s; wrote {out / 'table.json'}, table.md, table.png")
     return 0
