@@ -257,12 +257,17 @@ def test_speed_benchmark_resumes_a_killed_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv)
     assert len(calls) == 4 and not out.exists()
+    # another process (core) runs repeat 1 alone: its 6 runs, no figures yet
+    assert bench.main([*argv, "--repeat", "1"]) == 0 and len(calls) == 4 + 6 and not out.exists()
     assert bench.main(argv) == 0  # every target met: rk at 0.4x (<= 0.5x), fast at 0.1x (<= 0.2x)
-    # 2 models x 3 engines x 2 repeats = 12 runs; the first 3 were kept, the 4th was redone.
-    assert len(calls) == 4 + 9
+    # 2 models x 3 engines x 2 repeats = 12 runs; the first 3 and repeat 1 were kept, the 4th was redone.
+    assert len(calls) == 4 + 6 + 3
     report = json.loads(out.read_text())
     assert len(report["runs"]) == 12
     row = report["rows"][0]
     assert row["fraction_of_reference"] == {"rk": 0.4, "fast": 0.1}
     with pytest.raises(SystemExit, match="other settings"):
         bench.main([*argv, "--threads", "2"])
+    with pytest.raises(SystemExit) as e:
+        bench.main([*argv, "--repeat", "2"])
+    assert e.value.code == 2

@@ -12,7 +12,9 @@ fast <= 0.2x the reference on every model. A benchmark, never a timed test.
 
 With ``--out``, every finished run is appended to ``<out>.records.jsonl`` at once, so a killed
 benchmark resumes where it stopped when the same command is run again (a run in flight is lost;
-the settings must match, or it refuses to mix them).
+the settings must match, or it refuses to mix them). ``--repeat K`` runs only repeat K, so the
+repeats can share a machine's cores (one single-threaded process per core, each interleaving the
+engines); a last call without it finds every run done and writes the figures.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def time_one(model: str, attack: str, n: int, out: Path, args: argparse.Namespac
             "stage_seconds": {s["name"]: s["seconds"] for s in res["stages"]}}
 
 
-def load_records(path: Path | None, settings: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+def load_records(path: Path | None, settings: dict[str, Any], *,
+                 quiet: bool = False) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The runs a killed benchmark finished, keyed by (repeat, model, family, engine, n); starts the
     file (settings first) when there is none. Runs under other settings are never mixed in."""
     if path is None:
@@ -79,7 +82,7 @@ def load_records(path: Path | None, settings: dict[str, Any]) -> dict[tuple[Any,
         raise SystemExit(f"{path} holds runs made with other settings ({lines[0].get('settings') if lines else None}); "
                          "delete it or choose another --out")
     done = {(r["repeat"], r["model"], r["family"], r["engine"], r["n_examples"]): r for r in lines[1:]}
-    if done:
+    if done and not quiet:
         print(f"resuming: {len(done)} finished run(s) read from {path}", flush=True)
     return done
 
@@ -150,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-scale", type=float, default=1.0, help="multiply every model's n (the GPU check uses 1,000)")
     p.add_argument("--n-examples", type=int, default=None, help="the same n for every model instead")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeat", type=int, action="append", default=None, metavar="K",
+                   help="run only repeat K (0-based; repeatable) and write no figures: another process "
+                        "runs the other repeats on another core")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
@@ -162,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
                 "data_dir": args.data_dir}
     records = Path(args.out).with_suffix(".records.jsonl") if args.out else None
     done = load_records(records, settings)
+    repeats = args.repeat if args.repeat is not None else list(range(args.repeats))
+    if any(not 0 <= k < args.repeats for k in repeats):
+        p.error(f"--repeat takes 0 to {args.repeats - 1} (--repeats {args.repeats}), got {repeats}")
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="rk-engine-bench-") as tmp:
-        for rep in range(args.repeats):
+        for rep in repeats:
             for model, family, n in rows:
                 for e in (ENGINES if rep % 2 == 0 else ENGINES[::-1]):
                     key = (rep, model, family, e, n)
+                    done = load_records(records, settings, quiet=True) if records is not None else done
                     if key in done:
                         runs.append(done[key])
                         continue
@@ -180,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                             f.write(json.dumps(run) + "\n")
                     print(f"repeat {rep}: {model:<36} {family:<8} {e:<9} {run['attack_s']:8.1f} s attack, "
                           f"robust {100 * run['robust_accuracy']:.1f}%", flush=True)
+    if args.repeat is not None:
+        print(f"repeat(s) {', '.join(map(str, repeats))} done; run without --repeat for the figures")
+        return 0
     table = summarise(runs, rows)
     md = markdown(table)
     print(md)
