@@ -115,7 +115,12 @@ def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.Monke
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     argv = ["--dataset", "fashion_mnist", "--runs", "pgd-at,pgd-at+ltd", "--out-dir", str(out), "--work-dir", str(work)]
-    assert compare.main(argv) == 0
+    monkeypatch.setattr(compare, "_run", lambda cmd, log: pytest.fail("--train-only evaluated"))
+    assert compare.main([*argv, "--train-only"]) == 0 and len(trained) == 2
+    assert list(out.glob("*.json")) == []
+    monkeypatch.setattr(compare, "_run", run)
+    assert compare.main(argv) == 0  # evaluates the two trained runs, trains nothing more
+    assert len(trained) == 2
     common = ["dataset=fashion_mnist", "eps=0.1", "crop_pad=2"]
     assert trained == {"pgd-at": common,
                        "pgd-at_ltd": ["framework=pgd_at", *common, "teacher=small_cnn.fashion_mnist_partial"]}

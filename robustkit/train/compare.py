@@ -440,6 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="shared training override given to EVERY run (equal budget), e.g. epochs=15")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--train-only", action="store_true",
+                   help="train the runs whose checkpoint is missing and stop: another process (core) can "
+                        "evaluate the finished ones meanwhile")
     p.add_argument("--ablation", action="store_true",
                    help="instead of the comparison: the LTD tau_t x tau_s grid scored on a train holdout")
     p.add_argument("--tau-t", default="0.25,0.5,1,2", help="ablation: teacher temperatures")
@@ -488,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not ckpt.exists():  # the checkpoint JSON is written last: its presence means "trained"
                 _train(trainer, recipe, [*extra, *_dataset_overrides(args.dataset, trainer), *_overrides(shared)],
                        stem, args, log)
+            if args.train_only:
+                continue
             scratch = stem.parent / result.name  # its records (resume state) stay in the work folder
             _run(exe + ["eval", "--model", str(stem) + ".safetensors", "--dataset", args.dataset,
                         "--attack", args.attack, "--n-examples", str(args.n_examples), *data,
@@ -499,6 +504,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"{result} has neither its checkpoint {ckpt} nor a row in {out / 'table.json'} "
                             "with its training facts; delete the result to retrain and re-evaluate")
         rows.append(_row(name, facts, result))
+    if args.train_only:
+        print(f"trained: {', '.join(names)}; run without --train-only to evaluate them and write the table")
+        return 0
 
     table = {"schema": "robustkit.ltd_comparison", "schema_version": 1, "command": command,
              "shared_train_overrides": shared, "device": args.device, "dataset": args.dataset,
