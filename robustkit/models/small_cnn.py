@@ -116,6 +116,8 @@ class TinyCNN(nn.Module):
 # Function pin of robustkit/weights/small_cnn.cifar10_partial (tensors + architecture, arch_args,
 # normalization, dataset, num_classes: robustkit.core.checkpoint.function_pin), verified on every load.
 SMALL_CNN_CIFAR10_PARTIAL_PIN = "ff1e3d7ba558eee365d57199e8c36e65040104367b48316e044680ef671dc693"
+# ... and of robustkit/weights/small_cnn.fashion_mnist_partial (defenses/small_cnn.fashion_mnist_partial.toml).
+SMALL_CNN_FASHION_MNIST_PARTIAL_PIN = "5617c710be8d6ed91047cf752083f9080852675ee56f01bba038f202a48503c5"
 
 
 def _register() -> None:
@@ -136,7 +138,13 @@ def _register() -> None:
                 file="small_cnn.cifar10_partial",
                 pin=SMALL_CNN_CIFAR10_PARTIAL_PIN,
                 description="fast AT (FGSM-RS, eps 8/255), width 16, on the 5,438 real CIFAR-10 train images",
-            )
+            ),
+            "fashion_mnist_partial": Weights(
+                file="small_cnn.fashion_mnist_partial",
+                pin=SMALL_CNN_FASHION_MNIST_PARTIAL_PIN,
+                description="fast AT (FGSM-RS, eps 0.1), width 16, on the 8,226 real Fashion-MNIST train images "
+                            "(LTD's teacher there)",
+            ),
         },
         default_tag="cifar10_partial",
     )
