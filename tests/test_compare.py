@@ -121,7 +121,7 @@ def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(compare, "_run", run)
     assert compare.main(argv) == 0  # evaluates the two trained runs, trains nothing more
     assert len(trained) == 2
-    common = ["dataset=fashion_mnist", "eps=0.1", "crop_pad=2"]
+    common = ["dataset=fashion_mnist", "eps=0.1", "crop_pad=2", "holdout=1000"]
     assert trained == {"pgd-at": common,
                        "pgd-at_ltd": ["framework=pgd_at", *common, "teacher=small_cnn.fashion_mnist_partial"]}
     assert sorted(f.name for f in out.glob("*.json")) == [
