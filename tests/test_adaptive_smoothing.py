@@ -347,3 +347,47 @@ def test_cli_trains_then_redeploys_the_same_mixer_with_new_constants(tmp_path, c
     assert main(["train", "adaptive_smoothing", *missing]) == 2
     assert 'mixer_from = ""' in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists() and not (tmp_path / "d.json").exists()
+
+
+def test_deployed_constants_are_chosen_on_held_out_training_images(tmp_path):
+    """``as_constants`` scores a grid of deployed constants on the last N training images, which the
+    mixer left out (``holdout``), picks by its rule, and refuses images the mixer trained on."""
+    import dataclasses
+
+    from robustkit.cli import main
+    from robustkit.core.errors import DataError
+    from robustkit.data import load_split
+    from robustkit.train import as_constants
+
+    for i, name in enumerate(("g", "h")):
+        save_checkpoint(_tiny(i), tmp_path / name, architecture="tiny_cnn", arch_args={}, dataset="synthetic",
+                        num_classes=10)
+    n_split = len(load_split("synthetic", "train").labels)
+    assert main(["train", "adaptive_smoothing", "--set", f"std={tmp_path / 'g.safetensors'}", "--set",
+                 f"robust={tmp_path / 'h.safetensors'}", "--dataset", "synthetic", "--set", "holdout=24",
+                 "--set", "train_n=16", "--set", "batch_size=16", "--set", "iter_lo=1", "--set", "iter_hi=1", "--set", "width=8",
+                 "--set", "val_n=8", "--no-progress", "--threads", "1", "--out", str(tmp_path / "as")]) == 0
+    meta = json.loads((tmp_path / "as.json").read_text())
+    assert meta["training"]["data"]["n"] == 16 and meta["training"]["data"]["holdout"] == 24
+    out = tmp_path / "pick"
+    argv = ["--model", str(tmp_path / "as.safetensors"), "--holdout", "24", "--eval-bias", "0,3",
+            "--alpha-min", "0,0.9", "--steps", "2", "--eps", "8/255", "--out", str(out)]
+    assert as_constants.main(argv) == 0
+    report = json.loads((out / "constants.json").read_text())
+    rows = report["rows"]
+    assert [(r["eval_bias"], r["alpha_min"]) for r in rows] == [(0, 0), (0, 0.9), (3, 0), (3, 0.9)]
+    mean = [(r["clean_acc"] + r["apgd_ce_acc"]) / 2 for r in rows]
+    assert (report["pick"]["clean_acc"] + report["pick"]["apgd_ce_acc"]) / 2 == max(mean)
+    assert all(r["mean_alpha_clean"] >= 0.9 - 1e-6 for r in rows if r["alpha_min"] == 0.9)
+    assert report["checked"][0] == "mixer: none of its training images held out"
+    # each clean accuracy is that of the composite deployed with those constants, recomputed here
+    loaded = load_model(str(tmp_path / "as.safetensors"))
+    x, y = load_split("synthetic", "train").tensors()
+    for r in rows:
+        loaded.model.config = dataclasses.replace(loaded.model.config, eval_bias=r["eval_bias"],
+                                                  alpha_min=r["alpha_min"])
+        with torch.no_grad():
+            assert round(24 * r["clean_acc"]) == int((loaded.model(x[-24:]).argmax(1) == y[-24:]).sum())
+    assert "(picked)" in (out / "constants.md").read_text() and (out / "constants.png").stat().st_size > 1000
+    with pytest.raises(DataError, match="mixer trained on 1 of the held-out images"):
+        as_constants.main([*argv[:3], str(n_split - 15), *argv[4:]])  # reaches back to its 16th image

@@ -61,6 +61,9 @@ class AdaptiveSmoothingConfig:
     robust: str = "ltd.cifar10_partial"  # robust base model h
     dataset: str = "cifar10"  # training data; validation scores its test split
     train_n: int = 0  # use only the first N training images (0 = all)
+    # Leave the last N training images out of the mixer's training: the held-out images on which
+    # `python -m robustkit.train.as_constants` chooses the deployed constants (never the test split).
+    holdout: int = 0
     s_g: float = 1.0  # logit temperature of g inside the mixture
     s_h: float = 1.0  # logit temperature of h inside the mixture
     width: int = 32  # mixing-network width (channels of its first block)
@@ -112,8 +115,9 @@ class AdaptiveSmoothingConfig:
         for name in ("epochs", "batch_size", "width", "val_n", "iter_lo"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.train_n < 0 or self.n_targets < 0:
-            raise ConfigError(f"train_n and n_targets must be >= 0, got {self.train_n}, {self.n_targets}")
+        if self.train_n < 0 or self.n_targets < 0 or self.holdout < 0:
+            raise ConfigError(f"train_n, n_targets and holdout must be >= 0, got {self.train_n}, {self.n_targets}, "
+                              f"{self.holdout}")
         if self.iter_hi < self.iter_lo or not 0 < self.eps_lo <= self.eps_hi:
             raise ConfigError(f"need iter_lo <= iter_hi and 0 < eps_lo <= eps_hi, got [{self.iter_lo}, "
                               f"{self.iter_hi}], [{self.eps_lo}, {self.eps_hi}]")
@@ -318,12 +322,20 @@ def train(config: AdaptiveSmoothingConfig, run: RunOptions) -> Checkpoint:
     if config.mixer_from:
         record = reuse_mixer(model, config)
     else:
+        from robustkit.train._loop import index_ranges
+
         split = load_split(config.dataset, "train", data_dir=run.data_dir, download=run.download)
-        x, y = split.tensors(config.train_n or None)
-        print(f"training on {len(y)} {config.dataset} images", flush=True)
+        n = len(split.labels) - config.holdout
+        if n < 1:
+            raise ConfigError(f"holdout = {config.holdout}: must be below the {len(split.labels)} training images")
+        x, y = split.tensors(min(n, config.train_n or n))
+        print(f"training on {len(y)} {config.dataset} images" + (f" (the last {config.holdout} held out)"
+                                                                  if config.holdout else ""), flush=True)
         logs = train_mixing(model, x, y, config, device=run.device, progress=run.progress)
         record = {"epochs_log": logs, "train_seconds": time.perf_counter() - wall,
-                  "data": {"dataset": config.dataset, "split": "train", "n": len(y), "source": split.source},
+                  "data": {"dataset": config.dataset, "split": "train", "n": len(y), "source": split.source,
+                           "train_indices": index_ranges(int(i) for i in split.indices[:len(y)]),
+                           "holdout": config.holdout},
                   "mixer_from": None}
     test = load_split(config.dataset, "test", data_dir=run.data_dir, download=run.download)
     xv, yv = test.tensors(config.val_n)
