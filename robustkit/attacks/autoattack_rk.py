@@ -21,8 +21,9 @@ Two versions:
 that a linear model of the logits puts closest (MALT, Melamed et al., NeurIPS 2024): for each
 candidate class ``t``, ``(z_y - z_t) / ||grad (z_y - z_t)||_*`` with the dual norm of the threat (L1
 for Linf, L2 for L2), smallest first; FAB-T on the one class of highest clean logit. No Square: on
-every model robustkit ships it broke no point the gradient stages had left, while FAB-T did on
-adaptive smoothing, always with that first target (``eval/engines/README.md``).
+the models robustkit ships it broke one point the gradient stages had left (1 of 64 on adaptive
+smoothing), for most of AutoAttack's time; FAB-T broke up to 4, always with that first target
+(``eval/engines/README.md``).
 
 ``w > 0`` is the adaptive attack on adaptive-smoothing models (as ``autoattack-adaptive``): the
 APGD losses add ``w * BCEWithLogits(gamma, 1)``; FAB-T and Square attack the plain forward.
