@@ -13,12 +13,12 @@ from robustkit.models import load_model
 
 
 def test_confidence_gap_matches_a_direct_computation(tmp_path, one_thread: None) -> None:
-    out = tmp_path / "gap"
+    out = tmp_path / "tiny_cnn.init"  # a model id as the stem: its dot is not a suffix
     argv = ["--model", "tiny_cnn.init", "--dataset", "synthetic", "--n-examples", "40", "--steps", "3",
             "--eps", "8/255", "--out", str(out)]
     assert confidence.main(argv) == 0
-    report = json.loads(out.with_suffix(".json").read_text())
-    assert out.with_suffix(".png").stat().st_size > 1000
+    report = json.loads((tmp_path / "tiny_cnn.init.json").read_text())
+    assert (tmp_path / "tiny_cnn.init.png").stat().st_size > 1000
     # clean: the model's own top softmax probabilities and correctness on the first 40 test images
     model = load_model("tiny_cnn.init").model.eval()
     x, y = load_split("synthetic", "test").tensors(40)

@@ -68,6 +68,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from robustkit.core.threat import format_eps
     from robustkit.eval.curve import save_figure_atomic
 
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), dpi=120, sharey=True)
@@ -85,7 +86,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("fraction of the group")
     fig.suptitle(f"{report['model']} on {report['n_examples']} {report['dataset']} test images "
-                 f"(attacked: APGD-CE {report['steps']} steps, Linf {report['eps']:g})", fontsize=9)
+                 f"(attacked: APGD-CE {report['steps']} steps, Linf {format_eps(report['eps'])})", fontsize=9)
     fig.tight_layout()
     save_figure_atomic(fig, path)
     plt.close(fig)
@@ -132,12 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               "provenance": provenance(dev)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out.with_suffix(".json"), report)
-    plot(report, out.with_suffix(".png"))
+    json_path, png_path = Path(f"{out}.json"), Path(f"{out}.png")  # not with_suffix: model ids have dots
+    write_json_atomic(json_path, report)
+    plot(report, png_path)
     for key, g in report["gaps"].items():
         print(f"{key:8s}: correct {g['n_correct']} (mean confidence {g['mean_confidence_correct']}), incorrect "
               f"{g['n_incorrect']} ({g['mean_confidence_incorrect']}), gap {g['gap']}")
-    print(f"wrote {out.with_suffix('.json')} and .png")
+    print(f"wrote {json_path} and {png_path.name}")
     return 0
 
 
