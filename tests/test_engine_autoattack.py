@@ -197,15 +197,20 @@ def test_regress_never_gates_one_engine_with_another(tiny_model, synthetic_test,
     assert compare(Baseline(tmp_path / "o.json", "auto", 0.05, "cmd", old), other).verdict == MISMATCH
 
 
-def _strength_script():
+def _script(folder: str, name: str):
+    """A script of ``eval/<folder>/`` imported as a module (they are not in the package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "eval" / "engines" / "strength.py"
-    spec = importlib.util.spec_from_file_location("engine_strength", path)
+    path = Path(__file__).resolve().parents[1] / "eval" / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"eval_{folder}_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _strength_script():
+    return _script("engines", "strength")
 
 
 def test_strength_statistics_against_scipy():
@@ -227,14 +232,7 @@ def test_strength_statistics_against_scipy():
 
 
 def _bench_script():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "eval" / "benchmarks" / "engines.py"
-    spec = importlib.util.spec_from_file_location("engine_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return _script("benchmarks", "engines")
 
 
 def test_speed_benchmark_resumes_a_killed_run(tmp_path, monkeypatch):

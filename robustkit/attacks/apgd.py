@@ -17,7 +17,7 @@ model is the caller's business (the Adaptive Smoothing trainer attacks with eval
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from robustkit.attacks.adaptive import gamma_bce, targeted_dlr_loss
 from robustkit.core.errors import ConfigError
 
-__all__ = ["AttackDraw", "apgd", "apgd_checkpoints", "dlr_targeted_loss", "randomized_attack"]
+__all__ = ["AttackDraw", "apgd", "apgd_ce_batches", "apgd_checkpoints", "dlr_targeted_loss", "randomized_attack"]
 
 NORMS = ("Linf", "L2")
 
@@ -237,6 +237,19 @@ def apgd(
 
 
 # ----------------------------------------------------------------------------- randomized attack
+
+
+def apgd_ce_batches(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+                    eps: float, steps: int, seed: int, batch_size: int = 250
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(x_batch, y_batch, adversarial batch)`` of APGD-CE (Linf) on ``model``, batch by batch: the
+    quick attack of the analysis tools (deployed-constant selection, confidence gap), one seeded
+    generator for the whole pass so the result does not depend on how it is consumed."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        yield xb, yb, apgd(lambda z, yb=yb: F.cross_entropy(model(z), yb, reduction="none"), xb, eps,
+                           n_iter=steps, generator=gen)
 
 
 def dlr_targeted_loss(z: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 SCHEMA = "robustkit.confidence_gap"
 
@@ -32,14 +31,10 @@ SCHEMA = "robustkit.confidence_gap"
 def confidences(model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, seed: int,
                 batch_size: int = 250) -> dict[str, dict[str, list[float] | list[bool]]]:
     """Top softmax probability and correctness per example, clean and after APGD-CE (Linf ``eps``)."""
-    from robustkit.attacks.apgd import apgd
+    from robustkit.attacks.apgd import apgd_ce_batches
 
     out: dict[str, dict[str, list[Any]]] = {k: {"confidence": [], "correct": []} for k in ("clean", "attacked")}
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        adv = apgd(lambda z, yb=yb: F.cross_entropy(model(z), yb, reduction="none"), xb, eps, n_iter=steps,
-                   generator=gen)
+    for xb, yb, adv in apgd_ce_batches(model, x, y, eps=eps, steps=steps, seed=seed, batch_size=batch_size):
         with torch.no_grad():
             for key, inputs in (("clean", xb), ("attacked", adv)):
                 p = model(inputs).softmax(dim=1)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from robustkit.core.errors import ConfigError, DataError
 
@@ -72,19 +71,17 @@ def check_unseen(model: Any, mixer_data: dict[str, Any], held_out: Sequence[int]
 
 def score(model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int, seed: int,
           batch_size: int = 250) -> tuple[float, float, float]:
-    """(clean accuracy, APGD-CE-``steps`` accuracy, mean deployed alpha) of ``model`` as deployed now."""
-    from robustkit.attacks.apgd import apgd
+    """(clean accuracy, APGD-CE-``steps`` accuracy, mean deployed alpha: ``nan`` for a plain model) of
+    ``model`` as deployed now."""
+    from robustkit.attacks.apgd import apgd_ce_batches
 
     clean = robust = alpha = 0.0
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        adv = apgd(lambda z, yb=yb: F.cross_entropy(model(z), yb, reduction="none"), xb, eps, n_iter=steps,
-                   generator=gen)
+    mixing = getattr(model, "mixing_weight", None)
+    for xb, yb, adv in apgd_ce_batches(model, x, y, eps=eps, steps=steps, seed=seed, batch_size=batch_size):
         with torch.no_grad():
             clean += float((model(xb).argmax(1) == yb).sum())
             robust += float((model(adv).argmax(1) == yb).sum())
-            alpha += float(model.mixing_weight(xb).sum())
+            alpha += float(mixing(xb).sum()) if mixing is not None else float("nan")
     n = len(y)
     return clean / n, robust / n, alpha / n
 
@@ -92,7 +89,6 @@ def score(model: Any, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: in
 def select(model: Any, x: torch.Tensor, y: torch.Tensor, grid: Sequence[tuple[float, float]], *, eps: float,
            steps: int, seed: int, alpha_max: float | None = None) -> dict[str, Any]:
     """Score every (eval_bias, alpha_min) of ``grid`` and the two bases; the pick follows :data:`RULE`."""
-    from robustkit.attacks.apgd import apgd
     from robustkit.models.adaptive_smoothing import MixingConfig
 
     original: MixingConfig = model.config
@@ -110,12 +106,8 @@ def select(model: Any, x: torch.Tensor, y: torch.Tensor, grid: Sequence[tuple[fl
         model.config = original
     bases = {}
     for role, net in (("std", model.g), ("robust", model.h)):
-        gen = torch.Generator(device=x.device).manual_seed(seed)
-        adv = apgd(lambda z, net=net: F.cross_entropy(net(z), y, reduction="none"), x, eps, n_iter=steps,
-                   generator=gen)
-        with torch.no_grad():
-            bases[role] = {"clean_acc": float((net(x).argmax(1) == y).float().mean()),
-                           "apgd_ce_acc": float((net(adv).argmax(1) == y).float().mean())}
+        c, r, _ = score(net, x, y, eps=eps, steps=steps, seed=seed)
+        bases[role] = {"clean_acc": c, "apgd_ce_acc": r}
     pick = max(rows, key=lambda r: ((r["clean_acc"] + r["apgd_ce_acc"]) / 2, r["apgd_ce_acc"]))
     return {"rows": rows, "bases": bases, "pick": pick}
 
