@@ -107,7 +107,7 @@ def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.Monke
         _ckpt(stem.parent / (stem.name + ".json"), "ltd" if trainer == "ltd" else "pgd-at", "pgd-at", 0, 0)
 
     def run(cmd: list[str], log: Path) -> None:
-        assert cmd[cmd.index("--dataset") + 1] == "fashion_mnist"
+        assert cmd[cmd.index("--dataset") + 1] == "fashion_mnist" and cmd[cmd.index("--threads") + 1] == "1"
         _result(Path(cmd[cmd.index("--out") + 1]), 0.80, 0.60 if "ltd" in cmd[cmd.index("--model") + 1] else 0.55, 0)
 
     monkeypatch.setattr(compare, "_train", train)
@@ -119,7 +119,7 @@ def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.Monke
     assert compare.main([*argv, "--train-only"]) == 0 and len(trained) == 2
     assert list(out.glob("*.json")) == []
     monkeypatch.setattr(compare, "_run", run)
-    assert compare.main(argv) == 0  # evaluates the two trained runs, trains nothing more
+    assert compare.main([*argv, "--threads", "1"]) == 0  # evaluates the two trained runs, trains nothing more
     assert len(trained) == 2
     common = ["dataset=fashion_mnist", "eps=0.1", "crop_pad=2", "holdout=1000"]
     assert trained == {"pgd-at": common,

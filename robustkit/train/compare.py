@@ -498,7 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             scratch = stem.parent / result.name  # its records (resume state) stay in the work folder
             _run(exe + ["eval", "--model", str(stem) + ".safetensors", "--dataset", args.dataset,
                         "--attack", args.attack, "--n-examples", str(args.n_examples), *data,
-                        "--device", args.device, "--out", str(scratch)]
+                        "--device", args.device, *(["--threads", str(args.threads)] if args.threads else []),
+                        "--out", str(scratch)]
                  + (["--no-progress"] if args.no_progress else []), log)
             write_json_atomic(result, json.loads(scratch.read_text()))
         facts = _checkpoint_facts(ckpt) if ckpt.exists() else kept.get(name)
