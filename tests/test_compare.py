@@ -148,6 +148,10 @@ def test_committed_log_shows_no_machine_paths(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.chdir(tmp_path)
     cmd = [sys.executable, "-m", "robustkit", "--recipe", str(tmp_path / "defenses" / "x.toml"), "/elsewhere/y"]
     assert compare._shown(cmd) == "python -m robustkit --recipe defenses/x.toml /elsewhere/y"
+    # the command's own output too (a warning names its source file by absolute path)
+    log = tmp_path / "log.txt"
+    compare._run([sys.executable, "-c", f"print({str(tmp_path / 'robustkit' / 'w.py')!r} + ': UserWarning')"], log)
+    assert log.read_text().splitlines()[1] == "robustkit/w.py: UserWarning"
 
 
 @pytest.mark.parametrize("n, k", [(1001, 470), (1500, 700), (6000, 2900)])

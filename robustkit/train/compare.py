@@ -65,9 +65,10 @@ def _run(cmd: list[str], log: Path) -> None:
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
+        here = str(Path.cwd()) + "/"
         for line in proc.stdout:
             sys.stdout.write(line)
-            fh.write(line)
+            fh.write(line.replace(here, ""))  # a warning's source path, say: no machine path in the log
         if proc.wait() != 0:
             raise SystemExit(f"command failed (exit {proc.returncode}); see {log}")
 
