@@ -395,3 +395,34 @@ def test_deployed_constants_are_chosen_on_held_out_training_images(tmp_path):
     assert "(picked)" in (out / "constants.md").read_text() and (out / "constants.png").stat().st_size > 1000
     with pytest.raises(DataError, match="mixer trained on 1 of the held-out images"):
         as_constants.main([*argv[:3], str(n_split - 15), *argv[4:]])  # reaches back to its 16th image
+
+
+def test_trains_on_grayscale_28_pixel_images(tmp_path):
+    """The feature taps are found at the dataset's own image shape (Fashion-MNIST: 1 x 28 x 28), not
+    CIFAR's: a composite of two one-channel models trains, saves and reloads."""
+    import numpy as np
+
+    from robustkit.cli import main
+    from robustkit.models.small_cnn import TinyCNN
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "fashion_mnist").mkdir(parents=True)
+    for split, n in (("train", 40), ("test", 8)):
+        np.savez(tmp_path / "data" / "fashion_mnist" / f"{split}.npz",
+                 images=rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8), labels=np.arange(n) % 10,
+                 indices=np.arange(n))
+    for i, name in enumerate(("g", "h")):
+        torch.manual_seed(i)
+        save_checkpoint(TinyCNN(in_channels=1, mean=(0.3,), std=(0.3,)), tmp_path / name, architecture="tiny_cnn",
+                        arch_args={"in_channels": 1, "mean": [0.3], "std": [0.3]}, dataset="fashion_mnist",
+                        num_classes=10)
+    assert main(["train", "adaptive_smoothing", "--set", f"std={tmp_path / 'g.safetensors'}", "--set",
+                 f"robust={tmp_path / 'h.safetensors'}", "--dataset", "fashion_mnist", "--set", "eps=0.1",
+                 "--set", "holdout=8", "--set", "batch_size=16", "--set", "iter_lo=1", "--set", "iter_hi=1",
+                 "--set", "width=8", "--set", "val_n=8", "--data-dir", str(tmp_path / "data"), "--no-download",
+                 "--no-progress", "--threads", "1", "--out", str(tmp_path / "as")]) == 0
+    meta = json.loads((tmp_path / "as.json").read_text())
+    assert meta["arch_args"]["input_shape"] == [1, 28, 28] and meta["training"]["data"]["n"] == 32
+    composite = load_model(str(tmp_path / "as.safetensors")).model
+    assert composite(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+

@@ -91,6 +91,14 @@ def test_override_values_are_read_as_toml_else_as_strings():
         resolve_config(Demo, overrides=["epoch=1"])
 
 
+def test_a_number_given_for_a_text_field_is_that_text():
+    # `--set eps=0.1` must not need shell-proof quotes; the text is kept as typed (not "0.1" from 1e-1).
+    cfg = resolve_config(Demo, overrides=["eps=0.10", "teacher=3"])
+    assert cfg.eps == "0.10" and cfg.teacher == "3"
+    with pytest.raises(ConfigError, match="expected an integer"):
+        resolve_config(Demo, overrides=["epochs=0.5"])  # numbers still type-check where they are numbers
+
+
 def test_recipe_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="recipe not found"):
         read_recipe(tmp_path / "missing.toml")

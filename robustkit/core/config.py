@@ -192,7 +192,18 @@ def resolve_config(cls: type[C], *, recipe: Mapping[str, Any] | None = None, rec
     command line sets through a common option, e.g. ``--seed``): the config a run uses."""
     config = config_from_dict(cls, dict(recipe or {}), source=recipe_source)
     if overrides:
-        config = config_from_dict(cls, dict(parse_override(o) for o in overrides), source="--set", base=config)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for text in overrides:
+            key, value = parse_override(text)
+            # A number typed on the command line for a text field (``--set eps=0.1``) is that text:
+            # quotes a shell would strip anyway must not be required.
+            text_field = hints.get(key) is str or (get_origin(hints.get(key)) in (Union, types.UnionType)
+                                                  and set(get_args(hints[key])) == {str, type(None)})
+            if text_field and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = text.partition("=")[2].strip()
+            values[key] = value
+        config = config_from_dict(cls, values, source="--set", base=config)
     if fixed:
         settable = config_fields(cls)
         config = config_from_dict(cls, {k: v for k, v in fixed.items() if k in settable},

@@ -313,8 +313,10 @@ def train(config: AdaptiveSmoothingConfig, run: RunOptions) -> Checkpoint:
     eps = parse_eps(config.eps)
     wall, cpu = time.perf_counter(), time.process_time()
     torch.manual_seed(config.seed)  # the mixing network's initial weights
+    # The taps are found by a dummy forward at the dataset's image shape (1 x 28 x 28 on Fashion-MNIST).
     model = build_adaptive_smoothing(config.std, config.robust, s_g=config.s_g, s_h=config.s_h,
-                                     width=config.width, mixing=config.mixing()).to(run.device)
+                                     width=config.width, mixing=config.mixing(),
+                                     input_shape=dataset_info(config.dataset).shape).to(run.device)
     print(f"robustkit train adaptive_smoothing: g={config.std} h={config.robust} taps "
           f"{model.arch_args['taps_std']} / {model.arch_args['taps_robust']}; mixing net "
           f"{sum(p.numel() for p in model.mixing_net.parameters()):,} parameters; "
