@@ -118,6 +118,8 @@ class TinyCNN(nn.Module):
 SMALL_CNN_CIFAR10_PARTIAL_PIN = "ff1e3d7ba558eee365d57199e8c36e65040104367b48316e044680ef671dc693"
 # ... and of robustkit/weights/small_cnn.fashion_mnist_partial (defenses/small_cnn.fashion_mnist_partial.toml).
 SMALL_CNN_FASHION_MNIST_PARTIAL_PIN = "5617c710be8d6ed91047cf752083f9080852675ee56f01bba038f202a48503c5"
+# ... and of robustkit/weights/small_cnn.fashion_mnist_std (defenses/small_cnn.fashion_mnist_std.toml).
+SMALL_CNN_FASHION_MNIST_STD_PIN = "009e1255e353a9976d5ca410215d887179771adf021243ef4d5266b974ea794e"
 
 
 def _register() -> None:
@@ -144,6 +146,12 @@ def _register() -> None:
                 pin=SMALL_CNN_FASHION_MNIST_PARTIAL_PIN,
                 description="fast AT (FGSM-RS, eps 0.1), width 16, on the 8,226 real Fashion-MNIST train images "
                             "(LTD's teacher there)",
+            ),
+            "fashion_mnist_std": Weights(
+                file="small_cnn.fashion_mnist_std",
+                pin=SMALL_CNN_FASHION_MNIST_STD_PIN,
+                description="standard training (no attack), width 32, on 7,226 real Fashion-MNIST train images "
+                            "(the last 1,000 held out): adaptive smoothing's accurate base g there",
             ),
         },
         default_tag="cifar10_partial",
