@@ -134,6 +134,29 @@ def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.Monke
         compare.main(["--dataset", "fashion-mnist", "--out-dir", str(out)])
 
 
+@pytest.mark.parametrize("dataset", sorted(compare.DATASETS))
+def test_every_dataset_resolves_to_valid_configs_that_differ_only_in_the_framework(dataset: str) -> None:
+    """Each run's recipe plus the dataset's shared overrides is a config its trainer accepts (a field a
+    trainer lacks, e.g. a misspelt ``flip``, fails here, not an hour into the comparison), with the
+    dataset's data and threat; and the LTD runs add nothing but the teacher and the framework."""
+    from robustkit.core.config import config_to_dict, read_recipe, resolve_config
+    from robustkit.core.threat import parse_eps
+    from robustkit.train.base import get_trainer
+
+    configs = {}
+    for run, (trainer, recipe, extra) in compare.RUNS.items():
+        _, fields = read_recipe(compare.RECIPES / recipe)
+        config = resolve_config(get_trainer(trainer).config, recipe=fields,
+                                overrides=[*extra, *compare._dataset_overrides(dataset, trainer)])
+        assert config.dataset == dataset
+        assert parse_eps(str(config.eps)) == pytest.approx(parse_eps(compare.DATASETS[dataset]["eps"]))
+        configs[run] = config_to_dict(config)
+    shared = ("dataset", "eps", "epochs", "steps", "crop_pad", "flip", "holdout", "eps_warmup", "batch_size",
+              "lr_max", "arch", "arch_args", "seed")
+    for key in shared:
+        assert len({json.dumps(c[key]) for c in configs.values()}) == 1, f"{dataset}: runs differ in {key}"
+
+
 def test_comparison_refuses_a_result_without_training_facts(tmp_path: Path) -> None:
     from robustkit.core.errors import DataError
 
