@@ -28,6 +28,8 @@ from robustkit.models.base import Weights, model_info, register_model
 # Function pin of robustkit/weights/ltd.cifar10_partial (tensors + base, base_args, tau_s, normalization,
 # dataset, num_classes: robustkit.core.checkpoint.function_pin), verified on every load.
 LTD_CIFAR10_PARTIAL_PIN = "f02c41a635c7a7d665bc0b20e2fbfe210f884f2b5a31b2acd5509b455bb4cb2b"
+# ... and of robustkit/weights/ltd.fashion_mnist_partial (defenses/ltd.fashion_mnist_partial.toml).
+LTD_FASHION_MNIST_PARTIAL_PIN = "b80defc8e697550abf6ae7c271bab3cb591709221e971023727c7d888bfe887f"
 
 
 class LTDStudent(nn.Module):
@@ -73,7 +75,14 @@ def _register() -> None:
                 pin=LTD_CIFAR10_PARTIAL_PIN,
                 description="LTD-TRADES SmallCNN (width 16, tau_t 0.5, tau_s 2) on the 5,438 real CIFAR-10 "
                             "train images; recipe defenses/ltd.cifar10_partial.toml, card defenses/cards/ltd.cifar10_partial.md",
-            )
+            ),
+            "fashion_mnist_partial": Weights(
+                file="ltd.fashion_mnist_partial",
+                pin=LTD_FASHION_MNIST_PARTIAL_PIN,
+                description="LTD-PGD-AT SmallCNN (width 16, tau_t 0.5, tau_s 2, Linf 0.1) on 7,226 real "
+                            "Fashion-MNIST train images; recipe defenses/ltd.fashion_mnist_partial.toml, card "
+                            "defenses/cards/ltd.fashion_mnist_partial.md",
+            ),
         },
         default_tag="cifar10_partial",
     )
