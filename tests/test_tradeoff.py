@@ -150,6 +150,76 @@ def test_tradeoff_rows_json_png_and_resume(mixed, data, tmp_path, monkeypatch):
         accuracy_tradeoff(mixed, _pgd, "0,0.5,1", x, y, **{**kwargs, "seed": 2})
 
 
+def test_two_processes_share_the_points(mixed, data, tmp_path, monkeypatch):
+    """A point whose records another process holds (the same command started on another core) is left
+    to it: this process evaluates the rest and says so (exit 3 on the CLI); a re-run once that process
+    has ended evaluates only what is missing and writes the usual rows, in the usual order."""
+    import subprocess
+    import sys
+
+    from robustkit.eval.lock import lock_path
+    from robustkit.eval.tradeoff import PointsInProgress
+
+    x, y = data
+    pts = tmp_path / "pts"
+    pts.mkdir()
+    kwargs = dict(points_dir=pts, batch_size=8, device="cpu", seed=1, progress=False,
+                  subject=Subject(model="mix", dataset="synthetic"), attack_name="pgd")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(lock_path(pts / 'h.records.jsonl'))!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        evaluated: list[str] = []
+        real = tradeoff_mod.evaluate
+
+        def counting(model, *a, **kw):
+            evaluated.append(kw["subject"].model)
+            return real(model, *a, **kw)
+
+        monkeypatch.setattr(tradeoff_mod, "evaluate", counting)
+        with pytest.raises(PointsInProgress, match=r"1 point\(s\) \(h\)") as info:
+            accuracy_tradeoff(mixed, _pgd, "0.5", x, y, **kwargs)
+        assert info.value.exit_code == 3
+        assert evaluated == ["mix:g", "mix:alpha_0.5", "mix"] and not (pts / "h.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    evaluated.clear()
+    t = accuracy_tradeoff(mixed, _pgd, "0.5", x, y, **kwargs)
+    assert evaluated == ["mix:h"]
+    assert [r.label for r in t.rows] == ["g", "h", "alpha_0.5", "adaptive"]
+    assert [r.reused for r in t.rows] == [True, False, True, True]
+
+    # The other process finishing its point while this one works: that point is taken as finished.
+    import shutil
+
+    pts2 = tmp_path / "pts2"
+    pts2.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(lock_path(pts2 / 'h.records.jsonl'))!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+
+        def finishing(model, *a, **kw):
+            if kw["subject"].model == "mix":  # the last point: by now the other process has written h
+                shutil.copy(pts / "h.json", pts2 / "h.json")
+            return real(model, *a, **kw)
+
+        monkeypatch.setattr(tradeoff_mod, "evaluate", finishing)
+        t2 = accuracy_tradeoff(mixed, _pgd, "0.5", x, y, **{**kwargs, "points_dir": pts2})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r.label for r in t2.rows] == ["g", "h", "alpha_0.5", "adaptive"]
+    assert [(r.clean_acc, r.robust_acc) for r in t2.rows] == [(r.clean_acc, r.robust_acc) for r in t.rows]
+
+
 def test_check_endpoints_evaluates_mixed_alpha_0_and_1(mixed, data):
     x, y = data
     t = accuracy_tradeoff(mixed, _pgd, [0.0, 1.0], x, y, check_endpoints=True, batch_size=16,

@@ -132,7 +132,7 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
         "mixture and the adaptive model, on the same first N test examples with the same attack and seed, "
         "and say whether the adaptive point lies above the piecewise-linear fixed-alpha curve at its clean "
         "accuracy. g and h are the curve's endpoints (alpha 0 and 1 are not re-run unless --check-endpoints). "
-        "Each point keeps its own result and records under --out-dir, so a killed run resumes point by point.",
+        "Each point keeps its own result and records under --out-dir, so a killed run resumes point by point, and the same command started twice (two cores) shares the points: the one that ends first exits 3, the other (or a re-run) writes the figure.",
         epilog="example:\n  robustkit tradeoff --model adaptive_smoothing --alphas 0,0.25,0.5,0.75,0.9,1 "
         "--attack autoattack --n-examples 500\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -467,6 +467,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     from robustkit.eval.outputs import check_early, is_png
     from robustkit.eval.tradeoff import (
         TRADEOFF_SCHEMA,
+        PointsInProgress,
         accuracy_tradeoff,
         parse_alphas,
         require_mixed,
@@ -492,12 +493,16 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
                           [(out.with_suffix(".png"), "--out-dir", "plot", is_png)], [points_dir],
                           flag="--out-dir")
     _start_over(args.no_resume, points_dir)
-    result = accuracy_tradeoff(
-        s.model, s.attack, alphas, s.x, s.y, subject=s.subject, points_dir=points_dir,
-        check_endpoints=args.check_endpoints, command=_tradeoff_command(args, alphas, s),
-        attack_name=args.attack, batch_size=args.batch_size, device=s.device, seed=args.seed,
-        progress=progress_enabled(args),
-    )
+    try:
+        result = accuracy_tradeoff(
+            s.model, s.attack, alphas, s.x, s.y, subject=s.subject, points_dir=points_dir,
+            check_endpoints=args.check_endpoints, command=_tradeoff_command(args, alphas, s),
+            attack_name=args.attack, batch_size=args.batch_size, device=s.device, seed=args.seed,
+            progress=progress_enabled(args),
+        )
+    except PointsInProgress as e:  # not an error: this process's share is done
+        print(f"robustkit: {e}", file=sys.stderr)
+        return e.exit_code
     result.save(out)
     plot = result.plot(out.with_suffix(".png"))
     print(result.summary())

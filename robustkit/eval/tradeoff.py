@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +31,11 @@ import torch
 from torch import nn
 
 from robustkit.attacks.base import Attack
-from robustkit.core.errors import ConfigError
+from robustkit.core.errors import ConfigError, RobustkitError
 from robustkit.core.threat import format_eps
 from robustkit.eval.curve import save_figure_atomic
 from robustkit.eval.harness import evaluate
+from robustkit.eval.lock import acquire, release
 from robustkit.eval.results import (
     EvalResult,
     _fmt_seconds,
@@ -306,19 +308,41 @@ def accuracy_tradeoff(
     rows: list[TradeoffRow] = []
     results: dict[str, EvalResult] = {}
     attack: Attack | None = None
+    busy: list[str] = []  # points another process is evaluating right now (their records are locked)
     for k, (kind, alpha, label, build) in enumerate(plan):
         attack = attack_factory()
         name = f"{base_name}:{label}" if kind != "adaptive" else base_name
         if progress:
             print(f"{label} ({k + 1}/{len(plan)})", file=sys.stderr)
         json_path = pdir / f"{label}.json" if pdir is not None else None
-        res = _finished(json_path, subject.renamed(name), attack, fingerprint, int(x.shape[0]), evaluate_kwargs)
+        finished = partial(_finished, json_path, subject.renamed(name), attack, fingerprint, int(x.shape[0]),
+                           evaluate_kwargs)
+        res = finished()
         reused = res is not None
         if res is None:
             records = {} if pdir is None else {"records_path": pdir / f"{label}.records.jsonl", "resume": True}
-            res = evaluate(build(), attack, x, y, subject=subject.renamed(name), **evaluate_kwargs, **records)
-            if json_path is not None:
-                res.save(json_path)
+            # The same command started twice shares the points: a point whose records another process
+            # holds is left to it (that is how a 2-core machine runs two points at once).
+            key = None
+            if pdir is not None:
+                try:
+                    key = acquire(records["records_path"])
+                except ConfigError:
+                    busy.append(label)
+                    if progress:
+                        print(f"{label}: being evaluated by another process; skipped here", file=sys.stderr)
+                    continue
+            try:
+                res = finished()  # the other process may have finished it while this one worked
+                reused = res is not None
+                if res is None:
+                    res = evaluate(build(), attack, x, y, subject=subject.renamed(name), **evaluate_kwargs,
+                                   **records)
+                    if json_path is not None:
+                        res.save(json_path)
+            finally:
+                if key is not None:
+                    release(key)
         results[label] = res
         rows.append(TradeoffRow(kind=kind, alpha=alpha, label=label, clean_acc=res.clean_accuracy,
                                 robust_acc=float(res.robust_accuracy or 0.0),
@@ -326,6 +350,21 @@ def accuracy_tradeoff(
                                 seconds=float(res.timing.get("total_seconds", 0.0)), reused=reused))
 
     assert attack is not None
+    for label in list(busy):  # finished by the other process meanwhile?
+        kind, alpha, _, _ = next(p for p in plan if p[2] == label)
+        name = f"{base_name}:{label}" if kind != "adaptive" else base_name
+        res = _finished(pdir / f"{label}.json" if pdir is not None else None, subject.renamed(name), attack,
+                        fingerprint, int(x.shape[0]), evaluate_kwargs)
+        if res is not None:
+            busy.remove(label)
+            results[label] = res
+            rows.append(TradeoffRow(kind=kind, alpha=alpha, label=label, clean_acc=res.clean_accuracy,
+                                    robust_acc=float(res.robust_accuracy or 0.0), result=str(pdir / f"{label}.json"),
+                                    seconds=float(res.timing.get("total_seconds", 0.0)), reused=True))
+    if busy:
+        raise PointsInProgress(busy)
+    order = [p[2] for p in plan]
+    rows.sort(key=lambda r: order.index(r.label))
     base = results["adaptive"]
     out = Tradeoff(
         model=base_name, attack=evaluate_kwargs.get("attack_name") or attack.name,
@@ -342,6 +381,19 @@ def accuracy_tradeoff(
                           (adaptive.clean_acc, adaptive.robust_acc), base.n_examples)
     out.endpoint_checks = _endpoint_checks(results) if check_endpoints else []
     return out
+
+
+class PointsInProgress(RobustkitError):
+    """Some points are being evaluated by another process: this one did its share, and the same
+    command run again once that process ends writes the figure (exit 3: not an error, not done)."""
+
+    exit_code = 3
+
+    def __init__(self, labels: Sequence[str]) -> None:
+        self.labels = list(labels)
+        super().__init__(f"{len(self.labels)} point(s) ({', '.join(self.labels)}) are being evaluated by another "
+                         "process; this one finished the rest. Run the same command again when it ends: it "
+                         "reuses every finished point and writes the figure")
 
 
 def _finished(path: Path | None, subject: Subject, attack: Attack, fingerprint: str, n: int,
