@@ -120,6 +120,9 @@ SMALL_CNN_CIFAR10_PARTIAL_PIN = "ff1e3d7ba558eee365d57199e8c36e65040104367b48316
 SMALL_CNN_FASHION_MNIST_PARTIAL_PIN = "5617c710be8d6ed91047cf752083f9080852675ee56f01bba038f202a48503c5"
 # ... and of robustkit/weights/small_cnn.fashion_mnist_std (defenses/small_cnn.fashion_mnist_std.toml).
 SMALL_CNN_FASHION_MNIST_STD_PIN = "009e1255e353a9976d5ca410215d887179771adf021243ef4d5266b974ea794e"
+# ... and of the Fashion-MNIST comparison's PGD-AT and TRADES runs (defenses/small_cnn.fashion_mnist_{pgd_at,trades}.toml).
+SMALL_CNN_FASHION_MNIST_PGD_AT_PIN = "d40f333ca4509b8fe528c146e852100bab08994ecc6a97d260ed837e99943d30"
+SMALL_CNN_FASHION_MNIST_TRADES_PIN = "ad3e392016f48667125f12c65e855350510af1320e4c777c2e1aee407a75fbc0"
 
 
 def _register() -> None:
@@ -152,6 +155,18 @@ def _register() -> None:
                 pin=SMALL_CNN_FASHION_MNIST_STD_PIN,
                 description="standard training (no attack), width 32, on 7,226 real Fashion-MNIST train images "
                             "(the last 1,000 held out): adaptive smoothing's accurate base g there",
+            ),
+            "fashion_mnist_pgd_at": Weights(
+                file="small_cnn.fashion_mnist_pgd_at",
+                pin=SMALL_CNN_FASHION_MNIST_PGD_AT_PIN,
+                description="PGD-AT (PGD-3, eps 0.1), width 16, on 7,226 real Fashion-MNIST train images (the "
+                            "last 1,000 held out): the LTD comparison's PGD-AT run",
+            ),
+            "fashion_mnist_trades": Weights(
+                file="small_cnn.fashion_mnist_trades",
+                pin=SMALL_CNN_FASHION_MNIST_TRADES_PIN,
+                description="TRADES (beta 6, PGD-3, eps 0.1), width 16, on 7,226 real Fashion-MNIST train images "
+                            "(the last 1,000 held out): the LTD comparison's TRADES run",
             ),
         },
         default_tag="cifar10_partial",
