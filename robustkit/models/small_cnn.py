@@ -123,6 +123,8 @@ SMALL_CNN_FASHION_MNIST_STD_PIN = "009e1255e353a9976d5ca410215d887179771adf02124
 # ... and of the Fashion-MNIST comparison's PGD-AT and TRADES runs (defenses/small_cnn.fashion_mnist_{pgd_at,trades}.toml).
 SMALL_CNN_FASHION_MNIST_PGD_AT_PIN = "d40f333ca4509b8fe528c146e852100bab08994ecc6a97d260ed837e99943d30"
 SMALL_CNN_FASHION_MNIST_TRADES_PIN = "ad3e392016f48667125f12c65e855350510af1320e4c777c2e1aee407a75fbc0"
+# ... and of robustkit/weights/small_cnn.mnist_partial (defenses/small_cnn.mnist_partial.toml).
+SMALL_CNN_MNIST_PARTIAL_PIN = "23bf1f48730f7c31788d91a8f291e842fa85d12485d5387ebb552f85bc80d6a6"
 
 
 def _register() -> None:
@@ -167,6 +169,12 @@ def _register() -> None:
                 pin=SMALL_CNN_FASHION_MNIST_TRADES_PIN,
                 description="TRADES (beta 6, PGD-3, eps 0.1), width 16, on 7,226 real Fashion-MNIST train images "
                             "(the last 1,000 held out): the LTD comparison's TRADES run",
+            ),
+            "mnist_partial": Weights(
+                file="small_cnn.mnist_partial",
+                pin=SMALL_CNN_MNIST_PARTIAL_PIN,
+                description="fast AT (FGSM-RS, eps 0.3), width 16, on 23,680 real MNIST train images (the last "
+                            "1,000 held out): LTD's teacher there",
             ),
         },
         default_tag="cifar10_partial",
