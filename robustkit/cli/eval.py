@@ -132,7 +132,9 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
         "mixture and the adaptive model, on the same first N test examples with the same attack and seed, "
         "and say whether the adaptive point lies above the piecewise-linear fixed-alpha curve at its clean "
         "accuracy. g and h are the curve's endpoints (alpha 0 and 1 are not re-run unless --check-endpoints). "
-        "Each point keeps its own result and records under --out-dir, so a killed run resumes point by point, and the same command started twice (two cores) shares the points: the one that ends first exits 3, the other (or a re-run) writes the figure.",
+        "Each point keeps its own result and records under --out-dir, so a killed run resumes point by point, "
+        "and the same command started twice (two cores) shares the points: the one that ends first exits 3, "
+        "the other (or a re-run) writes the figure.",
         epilog="example:\n  robustkit tradeoff --model adaptive_smoothing --alphas 0,0.25,0.5,0.75,0.9,1 "
         "--attack autoattack --n-examples 500\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
