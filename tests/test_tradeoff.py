@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -218,6 +219,52 @@ def test_two_processes_share_the_points(mixed, data, tmp_path, monkeypatch):
         holder.wait()
     assert [r.label for r in t2.rows] == ["g", "h", "alpha_0.5", "adaptive"]
     assert [(r.clean_acc, r.robust_acc) for r in t2.rows] == [(r.clean_acc, r.robust_acc) for r in t.rows]
+
+
+def test_paired_point_matches_the_adaptive_clean_accuracy_and_tests_robust_flags(mixed, data, tmp_path):
+    """``paired``: the extra fixed mixture is the largest alpha (to 1e-4) that classifies at least as
+    many images correctly as the adaptive model, and the test counts the discordant images exactly
+    (checked here by brute force on the saved points' flags)."""
+    x, y = data
+    # A mixer whose alpha leans towards g, so the adaptive model sits strictly inside the curve (the
+    # shared fixture's constants are restored after: a deep copy would lose its feature hooks).
+    model, before = mixed, mixed.config
+    model.config = dataclasses.replace(model.config, eval_bias=-1.0)
+    try:
+        _check_paired(model, x, y, tmp_path)
+    finally:
+        model.config = before
+
+
+def _check_paired(model, x, y, tmp_path):
+    import math
+
+    from robustkit.eval.tradeoff import matched_alpha
+
+    def correct(m):
+        with torch.no_grad():
+            return int((m.eval()(x).argmax(1) == y).sum())
+
+    found = matched_alpha(model, x, y, batch_size=8)
+    a, target = found["alpha"], correct(model)
+    assert found["adaptive_clean_correct"] == target and found["clean_correct"] == correct(model.fixed_alpha(a))
+    assert correct(model.fixed_alpha(a)) >= target
+    assert 0.0 < a < 1.0  # an inner point here (measured: alpha 0.6464, 15 of 16 correct like the adaptive model)
+    assert correct(model.fixed_alpha(a + 2e-4)) < target  # the largest such alpha, to the rounding
+    t = accuracy_tradeoff(model, _pgd, "0.5", x, y, paired=True, points_dir=tmp_path, batch_size=8, device="cpu",
+                          seed=1, progress=False, subject=Subject(model="mix"), attack_name="pgd")
+    p = t.paired
+    assert p is not None and p["alpha"] == a
+    label = "g" if a == 0 else "h" if a == 1 else f"alpha_{a:.6g}"
+    fixed = json.loads((tmp_path / f"{label}.json").read_text())
+    adaptive = json.loads((tmp_path / "adaptive.json").read_text())
+    pairs = list(zip(fixed["robust_flags"], adaptive["robust_flags"], strict=True))
+    assert p["only_adaptive"] == sum(1 for f, ad in pairs if ad == "1" and f == "0")
+    assert p["only_fixed"] == sum(1 for f, ad in pairs if f == "1" and ad == "0")
+    k, n = min(p["only_adaptive"], p["only_fixed"]), p["only_adaptive"] + p["only_fixed"]
+    assert p["p_value"] == pytest.approx(min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0)
+    assert "paired:" in t.summary() and Tradeoff.load(t.save(tmp_path / "t.json")).paired == p
+    assert t.plot(tmp_path / "t.png").stat().st_size > 1024
 
 
 def test_check_endpoints_evaluates_mixed_alpha_0_and_1(mixed, data):

@@ -149,6 +149,10 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
                     help="fixed mixing weights in [0, 1], comma-separated (default: 0,0.25,0.5,0.75,0.9,1)")
     to.add_argument("--check-endpoints", action="store_true",
                     help="also evaluate fixed alpha 0 and 1 (the mixed form of g and h) as a consistency check")
+    to.add_argument("--paired", action="store_true",
+                    help="also evaluate the largest fixed alpha at least as accurate as the adaptive model "
+                         "(found on clean images, no attack) and test the adaptive model against it, paired "
+                         "per image (exact McNemar on robust flags)")
     to.add_argument("--out-dir", default="eval/tradeoff",
                     help="writes <model>__<attack>__n<N>.json/.png and a .points/ folder there "
                     "(default: eval/tradeoff)")
@@ -498,7 +502,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     try:
         result = accuracy_tradeoff(
             s.model, s.attack, alphas, s.x, s.y, subject=s.subject, points_dir=points_dir,
-            check_endpoints=args.check_endpoints, command=_tradeoff_command(args, alphas, s),
+            check_endpoints=args.check_endpoints, paired=args.paired, command=_tradeoff_command(args, alphas, s),
             attack_name=args.attack, batch_size=args.batch_size, device=s.device, seed=args.seed,
             progress=progress_enabled(args),
         )
@@ -524,7 +528,8 @@ def _tradeoff_command(args: argparse.Namespace, alphas: list[float], s: EvalInpu
             *(["--data-dir", args.data_dir] if args.data_dir else []),
             *(["--data-file", args.data_file] if args.data_file else []), "--n-examples", str(len(s.y)),
             "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
-            *(["--check-endpoints"] if args.check_endpoints else []), "--out-dir", args.out_dir]
+            *(["--check-endpoints"] if args.check_endpoints else []), *(["--paired"] if args.paired else []),
+            "--out-dir", args.out_dir]
     return "robustkit tradeoff " + shlex.join(argv)
 
 
