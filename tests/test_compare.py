@@ -93,6 +93,12 @@ def test_comparison_table_reads_checkpoints_and_results(tmp_path: Path) -> None:
         f.unlink()
     assert compare.main(["--out-dir", str(out), "--work-dir", str(work)]) == 0
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+    # One process per core, each given its own --runs: neither overwrites the other's rows, and the
+    # table says how to reproduce all of them.
+    assert compare.main(["--out-dir", str(out), "--work-dir", str(work), "--runs", "trades+ltd"]) == 0
+    again = json.loads((out / "table.json").read_text())
+    assert again["rows"] == table["rows"] and again["paired_tests"] == table["paired_tests"]
+    assert "--runs" not in again["command"] and "--runs" not in (out / "table.md").read_text()
 
 
 def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

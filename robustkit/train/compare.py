@@ -192,6 +192,21 @@ def merge_table(table_path: Path, lock: Path, rows: list[dict[str, Any]], key: C
     return table
 
 
+def _without_runs(command: str) -> str:
+    """``command`` without its ``--runs`` selection (the comparison of every run)."""
+    parts = shlex.split(command)
+    out: list[str] = []
+    skip = False
+    for part in parts:
+        if skip:
+            skip = False
+        elif part == "--runs":
+            skip = True
+        elif not part.startswith("--runs="):
+            out.append(part)
+    return shlex.join(out)
+
+
 def _overrides(shared: list[str]) -> list[str]:
     """The shared ``--train-arg`` pairs, recorded as ``["--epochs", "5"]``, as config overrides."""
     return [f"{flag.lstrip('-').replace('-', '_')}={value}" for flag, value in zip(shared[::2], shared[1::2], strict=True)]
@@ -489,6 +504,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DataError(f"{result} has neither its checkpoint {ckpt} nor a row in {out / 'table.json'} "
                             "with its training facts; delete the result to retrain and re-evaluate")
         rows.append(_row(name, facts, result))
+    # The table holds every run with a result here, not only this invocation's: two processes given
+    # different --runs (one per core) must not each overwrite the other's rows.
+    for name in RUNS:
+        if name in names or args.train_only:
+            continue
+        stem = _work_dir(args) / name.replace("+", "_")
+        ckpt = stem.parent / (stem.name + ".json")
+        result = out / f"{result_stem(stem.name, args.attack, args.dataset, args.n_examples, 0)}.json"
+        facts = _checkpoint_facts(ckpt) if ckpt.exists() else kept.get(name)
+        if result.exists() and facts is not None:
+            rows.append(_row(name, facts, result))
+    rows.sort(key=lambda r: list(RUNS).index(r["run"]))
+    if len(rows) > len(names):  # the whole comparison's command reproduces the rows of other invocations too
+        command = _without_runs(command)
     if args.train_only:
         print(f"trained: {', '.join(names)}; run without --train-only to evaluate them and write the table")
         return 0
