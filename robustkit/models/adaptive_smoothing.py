@@ -44,6 +44,9 @@ DEFAULT_ROBUST = "ltd.cifar10_partial"
 # its arch_args, which hold the deployed constants (alpha_min, eval_bias, ...) and the base models'
 # function pins, so an edited tau_s in ltd.cifar10_partial.json invalidates this composite too.
 ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_PIN = "4025141c797dfc5e2717ddfc545d2eb76e9e3ebade5b22bc7074e496c9d01263"
+# ... and of robustkit/weights/adaptive_smoothing.fashion_mnist_partial (small_cnn.fashion_mnist_std +
+# ltd.fashion_mnist_partial; defenses/adaptive_smoothing.fashion_mnist_partial.toml).
+ADAPTIVE_SMOOTHING_FASHION_MNIST_PARTIAL_PIN = "3246be39742ef885dfc29110bde401b77ff211ed0210c128b9e3cba1a78115b4"
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +479,14 @@ def _register() -> None:
                 description="mixing network for airbench94.cifar10_partial_tta0 + ltd.cifar10_partial, trained "
                             "on the 5,438 real CIFAR-10 train images "
                             "(defenses/adaptive_smoothing.cifar10_partial.toml)",
-            )
+            ),
+            "fashion_mnist_partial": Weights(
+                file="adaptive_smoothing.fashion_mnist_partial",
+                pin=ADAPTIVE_SMOOTHING_FASHION_MNIST_PARTIAL_PIN,
+                description="mixing network for small_cnn.fashion_mnist_std + ltd.fashion_mnist_partial (Linf "
+                            "0.1), trained on 7,226 real Fashion-MNIST train images, deployed constants chosen on "
+                            "the 1,000 held out (defenses/adaptive_smoothing.fashion_mnist_partial.toml)",
+            ),
         },
         default_tag="cifar10_partial",
     )
