@@ -151,12 +151,25 @@ def test_tradeoff_rows_json_png_and_resume(mixed, data, tmp_path, monkeypatch):
         accuracy_tradeoff(mixed, _pgd, "0,0.5,1", x, y, **{**kwargs, "seed": 2})
 
 
+def _hold_lock(path):
+    """Another process holding ``path``'s flock (as a second `robustkit tradeoff` evaluating that point
+    would), returned once it holds it; kill it to release."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, time\n"
+         f"fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_two_processes_share_the_points(mixed, data, tmp_path, monkeypatch):
     """A point whose records another process holds (the same command started on another core) is left
     to it: this process evaluates the rest and says so (exit 3 on the CLI); a re-run once that process
     has ended evaluates only what is missing and writes the usual rows, in the usual order."""
-    import subprocess
-    import sys
 
     from robustkit.eval.lock import lock_path
     from robustkit.eval.tradeoff import PointsInProgress
@@ -166,13 +179,8 @@ def test_two_processes_share_the_points(mixed, data, tmp_path, monkeypatch):
     pts.mkdir()
     kwargs = dict(points_dir=pts, batch_size=8, device="cpu", seed=1, progress=False,
                   subject=Subject(model="mix", dataset="synthetic"), attack_name="pgd")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(lock_path(pts / 'h.records.jsonl'))!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock(lock_path(pts / "h.records.jsonl"))
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         evaluated: list[str] = []
         real = tradeoff_mod.evaluate
 
@@ -199,14 +207,8 @@ def test_two_processes_share_the_points(mixed, data, tmp_path, monkeypatch):
 
     pts2 = tmp_path / "pts2"
     pts2.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(lock_path(pts2 / 'h.records.jsonl'))!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock(lock_path(pts2 / "h.records.jsonl"))
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-
         def finishing(model, *a, **kw):
             if kw["subject"].model == "mix":  # the last point: by now the other process has written h
                 shutil.copy(pts / "h.json", pts2 / "h.json")
