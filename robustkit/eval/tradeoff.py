@@ -430,10 +430,12 @@ def matched_alpha(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
 
     target = correct(model)
     out: dict[str, Any] = {"adaptive_clean_correct": target, "n": int(y.shape[0]), "steps": steps}
-    if correct(model.fixed_alpha(1.0)) >= target:
-        return out | {"alpha": 1.0, "clean_correct": correct(model.fixed_alpha(1.0))}
-    if correct(model.fixed_alpha(0.0)) < target:  # more accurate than g: nothing to pair at its accuracy
-        return out | {"alpha": 0.0, "clean_correct": correct(model.fixed_alpha(0.0))}
+    at_h = correct(model.fixed_alpha(1.0))
+    if at_h >= target:
+        return out | {"alpha": 1.0, "clean_correct": at_h}
+    at_g = correct(model.fixed_alpha(0.0))
+    if at_g < target:  # more accurate than g: nothing to pair at its accuracy
+        return out | {"alpha": 0.0, "clean_correct": at_g}
     lo, hi = 0.0, 1.0  # correct(lo) >= target > correct(hi)
     for _ in range(steps):
         mid = (lo + hi) / 2
