@@ -166,3 +166,20 @@ def test_sigkill_and_resume_gives_identical_result(tiny_checkpoint, tmp_path):
            [(s["name"], s["accuracy"], s["n_attacked"]) for s in b["stages"]]
     keys = [(r["stage"], r["i"]) for r in map(json.loads, records.read_text().splitlines()) if r.get("type") is None]
     assert len(keys) == len(set(keys)), "an example was recorded twice"
+
+
+TINY_TRAIN = ["--dataset", "synthetic", "--set", "arch=tiny_cnn", "--set", "arch_args={ width = 4 }", "--set",
+              "n_train=30", "--set", "n_test=8", "--set", "epochs=2", "--set", "batch_size=15", "--set", "steps=2",
+              "--set", "val_pgd_n=4", "--threads", "1"]
+
+
+@pytest.mark.parametrize("flag, lines", [("--no-progress", 2), ("--quiet", 0)])
+def test_no_progress_drops_the_bars_not_the_epoch_lines(capsys, tmp_path, monkeypatch, flag, lines):
+    """A run under nohup with --no-progress still says how each epoch went; --quiet says nothing."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main(capsys, "train", "pgd_at", *TINY_TRAIN, flag, "--out", "x")
+    assert code == 0, err
+    epochs = [ln for ln in err.splitlines() if ln.startswith("epoch ")]
+    assert len(epochs) == lines, err
+    assert ("\r" in err) is False  # no bar was drawn either way
+    assert [ln.split()[1] for ln in epochs] == [f"{k + 1}/2" for k in range(lines)]

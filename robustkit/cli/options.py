@@ -86,7 +86,9 @@ def apply_common(args: argparse.Namespace) -> Iterator[None]:
         # Under torchrun rank 0 speaks for the job: the others draw no bars, print no summary and
         # repeat no warning (an error still prints on every rank: each says which rank failed).
         follower = job is not None and not job.is_main
-        if getattr(args, "quiet", False) or follower:
+        if follower:
+            args.quiet = True  # silences its log lines too (log_enabled)
+        if getattr(args, "quiet", False):
             args.no_progress = True
         try:
             if getattr(args, "quiet", False) or follower:
@@ -103,6 +105,12 @@ def apply_common(args: argparse.Namespace) -> Iterator[None]:
 def progress_enabled(args: argparse.Namespace) -> bool:
     """Whether the command may draw progress bars."""
     return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
+
+
+def log_enabled(args: argparse.Namespace) -> bool:
+    """Whether the command may print its per-epoch and per-stage lines: ``--no-progress`` drops the
+    bars, not these (a run under nohup has nothing else to show); ``--quiet`` drops both."""
+    return not getattr(args, "quiet", False)
 
 
 def check_device_flag(text: str) -> None:

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from robustkit.cli.options import add_common, progress_enabled
+from robustkit.cli.options import add_common, log_enabled, progress_enabled
 from robustkit.core.errors import ConfigError
 
 EXAMPLES = """\
@@ -97,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # rank 0 alone checks (the check probes the folder with a file): the others write nothing
     on_main(job, lambda: _refuse_overwrite(out, args.force, _train_inputs(args, config)))
     run = RunOptions(out=out, device=require_device(args.device), data_dir=args.data_dir,
-                     download=not args.no_download, progress=progress_enabled(args))
+                     download=not args.no_download, progress=progress_enabled(args), log=log_enabled(args))
     checkpoint = trainer(config, run)
     meta_path = checkpoint.path.with_suffix(".json")
     print(f"saved {checkpoint.path} (sha256 {checkpoint.metadata['sha256'][:12]}…) and {meta_path.name}")

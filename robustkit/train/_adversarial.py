@@ -585,8 +585,10 @@ def _validate(model: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor, config
 
 def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: AdversarialConfig, method: Method,
         *, val: tuple[torch.Tensor, torch.Tensor] | None = None, targets_fn: TargetsFn | None = None,
-        device: str | torch.device = "cpu", progress: bool = True, resume: Path | None = None) -> list[dict[str, float]]:
-    """Adversarially train ``model`` in place; return per-epoch logs.
+        device: str | torch.device = "cpu", progress: bool = True, log_lines: bool = True,
+        resume: Path | None = None) -> list[dict[str, float]]:
+    """Adversarially train ``model`` in place; return per-epoch logs (``progress``: a bar; ``log_lines``: a
+    line per epoch on stderr, also without the bar).
 
     ``x_*``: float32 NCHW in [0, 1], ``y_*``: int64 labels, on any device (batches move to
     ``device``). ``targets_fn(x, x_adv, y)``, if given, replaces the labels in the *outer* loss only
@@ -616,7 +618,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
     weight_adversary = AWP(model, config.awp_gamma, reduce) if config.awp else None
     eps, alpha = config.eps_value, config.alpha_value(method)
     identity = run_identity(config, dev, method=asdict(method), n_train=len(x_train))
-    found = find_resume(resume, identity, job, epochs=config.epochs, speak=progress and main)
+    found = find_resume(resume, identity, job, epochs=config.epochs, speak=log_lines and main)
     first, logs = 0, []
     if found is not None:
         load_resume(*found, model, opt, gen)
@@ -651,7 +653,7 @@ def fit(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, config: 
             log["resumed_from_epoch"] = first
         if main and val is not None and len(val[0]):
             log.update(_validate(model, *val, config, dev))
-        if progress and main:
+        if log_lines and main:
             tqdm.write(_epoch_line(log, config.epochs), file=sys.stderr)
         logs.append(log)
         if resume is not None and epoch + 1 < config.epochs:
@@ -792,8 +794,8 @@ def check_logits(model: nn.Module, what: str, x: torch.Tensor, num_classes: int)
 
 
 def say(run: RunOptions, message: str) -> None:
-    """A progress line on stderr (``--no-progress``/``--quiet`` silence it)."""
-    if run.progress:
+    """A log line on stderr (``--quiet`` silences it)."""
+    if run.log:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -829,7 +831,7 @@ def fit_and_save(trainer: str, config: AdversarialConfig, run: RunOptions, metho
     t0, c0 = time.perf_counter(), time.process_time()
     resume = resume_path(run.stem)
     logs = fit(built.model, data.x_train, data.y_train, config, method, val=(data.x_val, data.y_val),
-               targets_fn=targets_fn, device=run.device, progress=run.progress, resume=resume)
+               targets_fn=targets_fn, device=run.device, progress=run.progress, log_lines=run.log, resume=resume)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     training = {**(extra or {}), "distributed": _ddp.describe(job, config.sync_bn), **training_run(run.device, wall, cpu),
                 "epochs_log": logs}

@@ -574,7 +574,7 @@ def fit(model: AirbenchNet, x_train: torch.Tensor, y_train: torch.Tensor, x_eval
     opt, sgd = make_optimizer(model, hp, fused=cuda)
     forward = _compiled(model, "logits", mode) if mode else model.logits
     identity = run_identity(hp, dev, trainer=hp.variant, n_train=len(loader.images))
-    found = find_resume(resume, identity, job, epochs=math.ceil(hp.epochs), speak=progress and main)
+    found = find_resume(resume, identity, job, epochs=math.ceil(hp.epochs), speak=(progress or on_epoch is not None) and main)
     bar = tqdm(total=total_steps, initial=found[1]["step"] if found else 0, desc=f"airbench {hp.widths}", unit="step",
                disable=not (progress and main), leave=False)
     logs: list[dict[str, Any]] = []
@@ -772,7 +772,7 @@ def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
     torch.manual_seed(config.seed)
     model = AirbenchNet(**arch_args)
     measured = "held-out" if config.holdout else "test"
-    if run.progress:
+    if run.log:
         print(f"{config.variant} {config.widths} depth {config.depth}: {sum(q.numel() for q in model.parameters()):,} "
               f"parameters; {len(data.x_train)} train / {len(data.x_test)} {measured} images; "
               f"{describe_device(run.device)}; torch {torch.__version__}", file=sys.stderr)
@@ -780,7 +780,7 @@ def train(config: AirbenchConfig, run: RunOptions) -> Checkpoint:
     t0, c0 = time.perf_counter(), time.process_time()
     resume = resume_path(run.stem)
     result = fit(model, data.x_train, data.y_train, data.x_test, data.y_test, config, device=run.device,
-                 progress=run.progress, on_epoch=partial(_print_epoch, measured=measured) if run.progress else None,
+                 progress=run.progress, on_epoch=partial(_print_epoch, measured=measured) if run.log else None,
                  resume=resume)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     training = {

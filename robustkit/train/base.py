@@ -45,7 +45,8 @@ class RunOptions:
     device: torch.device = torch.device("cpu")
     data_dir: str | None = None  # None: $ROBUSTKIT_DATA, else ~/.cache/robustkit/data
     download: bool = True  # fetch a missing dataset through torchvision when online
-    progress: bool = True  # progress bars and per-epoch log lines on stderr
+    progress: bool = True  # progress bars on stderr (--no-progress turns them off)
+    log: bool = True  # one line per epoch and stage on stderr: what a run without bars still needs (--quiet)
 
     @property
     def stem(self) -> Path:

@@ -223,7 +223,7 @@ def train(config: FedLoGeConfig, run: RunOptions) -> Checkpoint:
     result = _engine(config)(init, sse, client_data, rounds=config.rounds, fraction=config.fraction,
                              method=config.method, epochs=config.local_epochs, batch_size=config.local_batch_size,
                              lr=config.lr, momentum=config.momentum, seed=config.seed, device=dev,
-                             progress=(lambda m: print(m, file=sys.stderr, flush=True)) if run.progress else None)
+                             progress=(lambda m: print(m, file=sys.stderr, flush=True)) if run.log else None)
     fedloge = config.method == "fedloge"
     if fedloge:
         personal = {k: personal_state(result.global_state, result.personal[k]["weight"]) for k in range(config.clients)}

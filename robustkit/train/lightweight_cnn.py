@@ -251,7 +251,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _how(run: RunOptions | None) -> dict[str, Any]:
     """``fit``'s device and logging from a run's options (None: on the CPU, silently, as in tests)."""
-    return {} if run is None else {"device": run.device, "progress": run.progress, "verbose": True}
+    return {} if run is None else {"device": run.device, "progress": run.progress, "verbose": run.log}
 
 
 def train_branch(dual: DualInputOutput, which: str, x: torch.Tensor, y: torch.Tensor,

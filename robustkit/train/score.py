@@ -191,8 +191,9 @@ def pgd_views(loss_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 
 
 def stage1(model: ScoreNet, data: LTData, config: ScoreConfig, device: torch.device, gen: torch.Generator,
-           progress: bool) -> list[dict[str, float]]:
-    """Train the encoder (with the projection head, or with the classifier for ``ce``) on two views."""
+           progress: bool, log_lines: bool = False) -> list[dict[str, float]]:
+    """Train the encoder (with the projection head, or with the classifier for ``ce``) on two views
+    (``progress``: a bar; ``log_lines``: a line per epoch on stderr)."""
     from tqdm.auto import tqdm
 
     ce = config.loss == "ce"
@@ -249,6 +250,11 @@ def stage1(model: ScoreNet, data: LTData, config: ScoreConfig, device: torch.dev
             bar.set_postfix(loss=f"{stats.loss:.4f}")
         logs.append({"epoch": epoch + 1, "stage": 1, "train_loss": stats.loss, "lr_end": lr_at(step - 1),
                      "seconds": time.perf_counter() - t0} | ({"train_acc": stats.acc} if ce else {}))
+        if log_lines:
+            last = logs[-1]
+            tqdm.write(f"stage 1 epoch {epoch + 1:3d}/{config.epochs}  loss {last['train_loss']:.4f}"
+                       + (f"  train acc {last['train_acc']:.4f}" if ce else "") + f"  {last['seconds']:.0f}s",
+                       file=sys.stderr)
     bar.close()
     model.eval()
     return logs
@@ -260,7 +266,7 @@ def stage1(model: ScoreNet, data: LTData, config: ScoreConfig, device: torch.dev
 
 
 def stage2(model: ScoreNet, data: LTData, config: ScoreConfig, device: torch.device, gen: torch.Generator,
-           progress: bool) -> list[dict[str, float]]:
+           progress: bool, log_lines: bool = False) -> list[dict[str, float]]:
     """A fresh linear classifier on the frozen encoder (eval mode: BatchNorm statistics frozen too).
 
     Standard: CE on the features of the un-augmented training images, computed once. Adversarial:
@@ -300,7 +306,7 @@ def stage2(model: ScoreNet, data: LTData, config: ScoreConfig, device: torch.dev
             stats.add(loss.detach(), logits.detach(), y)
         logs.append({"epoch": epoch + 1, "stage": 2, "train_loss": stats.loss, "train_acc": stats.acc,
                      "seconds": time.perf_counter() - t0})
-    if progress and logs:
+    if log_lines and logs:
         print(f"stage 2: {config.probe_epochs} epochs, train acc {logs[-1]['train_acc']:.4f}", file=sys.stderr)
     for p in model.parameters():
         p.requires_grad_(True)
@@ -353,9 +359,9 @@ def train(config: ScoreConfig, run: RunOptions) -> Checkpoint:
                  f"per class), {len(data.y_test)} test; ScoreNet width {config.width}, "
                  f"{sum(p.numel() for p in model.parameters()):,} parameters; {torch.get_num_threads()} threads")
         t0, c0 = time.perf_counter(), time.process_time()
-        logs = stage1(model, data, config, dev, gen, run.progress)
+        logs = stage1(model, data, config, dev, gen, run.progress, run.log)
         if config.loss != "ce":
-            logs += stage2(model, data, config, dev, gen, run.progress)
+            logs += stage2(model, data, config, dev, gen, run.progress, run.log)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     metrics = measure(model, data, config, dev)
     say(run, f"test (n={metrics['n']}): clean {metrics['clean_acc']:.4f}, balanced {metrics['balanced_clean_acc']:.4f}"
