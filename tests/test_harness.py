@@ -202,3 +202,20 @@ def test_inprocess_resume_after_partial_tail(tiny_model, synthetic_test, tmp_pat
     keys = [(r["stage"], r["i"]) for r in map(json.loads, (tmp_path / "b.jsonl").read_text().splitlines())
             if r.get("type") is None]
     assert len(keys) == len(set(keys))
+
+
+def test_compiled_model_gives_the_reference_flags_and_resumes_eager_records(tiny_model, synthetic_test, tmp_path):
+    """--compile changes how the model runs, not what is measured: the same per-example flags as
+    pyautoattack's own driver on the eager model, the same pass counts, and its records resume in an
+    eager run (like a change of device); the provenance says which ran."""
+    x, y = synthetic_test[0][:24], synthetic_test[1][:24]
+    rec = tmp_path / "r.records.jsonl"
+    compiled = evaluate(tiny_model, short_aa(), x, y, batch_size=12, seed=3, progress=False, compile=True,
+                        records_path=rec)
+    eager = evaluate(tiny_model, short_aa(), x, y, batch_size=12, seed=3, progress=False)
+    assert [c == "1" for c in compiled.robust_flags] == reference_flags(tiny_model, x, y, batch_size=12, seed=3)
+    assert compiled.robust_flags == eager.robust_flags and compiled.passes == eager.passes
+    assert 0 < compiled.robust_flags.count("1") < compiled.clean_flags.count("1")
+    assert compiled.provenance["torch_compile"] is True and eager.provenance["torch_compile"] is False
+    resumed = evaluate(tiny_model, short_aa(), x, y, batch_size=12, seed=3, progress=False, records_path=rec)
+    assert resumed.timing["resumed_batches"] > 0 and resumed.robust_flags == compiled.robust_flags

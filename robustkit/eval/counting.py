@@ -14,11 +14,20 @@ class PassCounter(nn.Module):
     A backward is counted when a gradient reaches the model's output, which covers both
     ``loss.backward()`` (FAB) and ``torch.autograd.grad`` (APGD, PGD). Counting is per image, so
     a batch of 64 is 64 passes, matching how AutoAttack's cost is usually quoted.
+
+    ``compile``: run the model (and its ``forward_with_gamma``) through ``torch.compile``. On a CPU
+    the forward passes of the small models get about 2x faster (Square is nothing but forward
+    passes); logits agree with eager ones to float rounding. Compiled lazily, at the first call.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, compile: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.compiled = compile
+        # Outside the module tree (``__dict__``): the compiled wrapper holds ``model`` as a submodule,
+        # and registering it would list every parameter twice.
+        self.__dict__["_run"] = torch.compile(model) if compile else model
+        self.__dict__["_run_gamma"] = None
         self.forward_passes = 0
         self.backward_passes = 0
         self.forward_calls = 0
@@ -27,7 +36,7 @@ class PassCounter(nn.Module):
         self.on_forward: Callable[[], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._count(x, self.model(x))
+        return self._count(x, self._run(x))
 
     @property
     def forward_with_gamma(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -38,7 +47,10 @@ class PassCounter(nn.Module):
         return self._forward_with_gamma
 
     def _forward_with_gamma(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, gamma = self.model.forward_with_gamma(x)
+        if self._run_gamma is None:
+            method = self.model.forward_with_gamma
+            self.__dict__["_run_gamma"] = torch.compile(method) if self.compiled else method
+        out, gamma = self._run_gamma(x)
         return self._count(x, out), gamma
 
     def _count(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

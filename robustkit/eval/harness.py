@@ -57,6 +57,7 @@ def evaluate(
     progress: bool = True,
     distributed: bool | None = None,
     shard: tuple[int, int] | None = None,
+    compile: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` on ``(x, y)``, clean and (when ``attack`` is given) under attack.
 
@@ -81,6 +82,8 @@ def evaluate(
             one-process run with the same batch size: the batch plan is the same.
         shard: ``(i, N)``: evaluate only the i-th of N contiguous blocks of the examples (0-based),
             independently of the other blocks (a job array); ``robustkit merge`` joins the parts.
+        compile: run the model through ``torch.compile`` (:class:`PassCounter`): how, not what, is
+            evaluated, like the device, so records resume across it; the result's provenance says which.
     """
     started = time.time()
     job = _job(distributed)
@@ -111,7 +114,7 @@ def evaluate(
     except BaseException:
         store.close()
         raise
-    counter = PassCounter(model)
+    counter = PassCounter(model, compile=compile)
     stage_names = ["clean", *(attack.stages() if attack else [])]
     # What a resumed batch must agree with before it is trusted (records.py, record_check.py).
     trust = RecordCheck(y.tolist(), attack.norm if attack else None, attack.eps if attack else None,
@@ -155,7 +158,7 @@ def evaluate(
     elapsed = time.time() - started
     stage_seconds = sum(s.seconds for s in stages)
     return EvalResult(
-        **subject_fields(subject, model, protocol["data_fingerprint"], provenance(dev)),
+        **subject_fields(subject, model, protocol["data_fingerprint"], provenance(dev) | {"torch_compile": compile}),
         attack=protocol["attack"],
         attack_config=protocol["attack_config"],
         engine=attack.engine if attack else None,

@@ -97,6 +97,7 @@ def masking_report(
     seed: int = 0,
     progress: bool = True,
     subject: Subject | None = None,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Run the gradient-masking checks on ``(x, y)`` and return the report (a JSON-able dict).
 
@@ -116,7 +117,7 @@ def masking_report(
         zero_grad_threshold: largest tolerated fraction of correct examples without a gradient.
         grad_tol: L2 only: an input gradient of L2 norm <= it counts as no gradient.
         large_eps_max_accuracy: largest tolerated accuracy at the sweep's largest eps.
-        batch_size, seed, progress, subject: as for :func:`robustkit.eval.evaluate` (every
+        batch_size, seed, progress, subject, compile: as for :func:`robustkit.eval.evaluate` (every
             attack run goes through it; the report records the subject like a result).
     """
     started = time.time()
@@ -134,7 +135,7 @@ def masking_report(
     grid = sweep_grid(threat, eps_grid, unbounded=unbounded)
     dev = resolve_device(device)
     run_kwargs: dict[str, Any] = dict(batch_size=batch_size, device=dev, seed=seed, progress=progress,
-                                      subject=subject)
+                                      subject=subject, compile=compile)
     said: set[str] = set()  # warnings of the evaluations, which the checks below restate
     with warnings.catch_warnings(record=True) as caught:  # everything said goes into the report
         warnings.simplefilter("always")

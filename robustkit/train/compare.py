@@ -439,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--train-arg", action="append", default=[], metavar="FLAG=VALUE",
                    help="shared training override given to EVERY run (equal budget), e.g. epochs=15")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true", help="evaluate through torch.compile (robustkit eval --compile)")
     p.add_argument("--train-only", action="store_true",
                    help="train the runs whose checkpoint is missing and stop: another process (core) can "
                         "evaluate the finished ones meanwhile")
@@ -497,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "--attack", args.attack, "--n-examples", str(args.n_examples), *data,
                         "--device", args.device, *(["--threads", str(args.threads)] if args.threads else []),
                         "--out", str(scratch)]
-                 + (["--no-progress"] if args.no_progress else []), log)
+                 + (["--no-progress"] if args.no_progress else []) + (["--compile"] if args.compile else []), log)
             write_json_atomic(result, json.loads(scratch.read_text()))
         facts = _checkpoint_facts(ckpt) if ckpt.exists() else kept.get(name)
         if facts is None:
