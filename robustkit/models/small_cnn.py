@@ -125,6 +125,8 @@ SMALL_CNN_FASHION_MNIST_PGD_AT_PIN = "d40f333ca4509b8fe528c146e852100bab08994ecc
 SMALL_CNN_FASHION_MNIST_TRADES_PIN = "ad3e392016f48667125f12c65e855350510af1320e4c777c2e1aee407a75fbc0"
 # ... and of robustkit/weights/small_cnn.mnist_partial (defenses/small_cnn.mnist_partial.toml).
 SMALL_CNN_MNIST_PARTIAL_PIN = "23bf1f48730f7c31788d91a8f291e842fa85d12485d5387ebb552f85bc80d6a6"
+# ... and of robustkit/weights/small_cnn.mnist_std (defenses/small_cnn.mnist_std.toml).
+SMALL_CNN_MNIST_STD_PIN = "c95894a3c20acd0be73164f645b933d849244882edcc9abfe98a0f6a6a3d649a"
 
 
 def _register() -> None:
@@ -175,6 +177,12 @@ def _register() -> None:
                 pin=SMALL_CNN_MNIST_PARTIAL_PIN,
                 description="fast AT (FGSM-RS, eps 0.3), width 16, on 23,680 real MNIST train images (the last "
                             "1,000 held out): LTD's teacher there",
+            ),
+            "mnist_std": Weights(
+                file="small_cnn.mnist_std",
+                pin=SMALL_CNN_MNIST_STD_PIN,
+                description="standard training (no attack), width 32, on 23,680 real MNIST train images (the last "
+                            "1,000 held out): adaptive smoothing's accurate base g there",
             ),
         },
         default_tag="cifar10_partial",
