@@ -231,3 +231,16 @@ def test_runs_train_through_the_trainer_registry(tmp_path: Path, one_thread: Non
     assert facts["ltd"] and facts["framework"] == "pgd-at" and facts["tau_s"] == 2.0
     assert facts["teacher"] == "tiny_cnn.init" and len(facts["val_curve"]) == 1
     assert log.read_text().startswith("$ robustkit train ltd --recipe defenses/ltd.toml --set framework=pgd_at")
+
+
+def test_a_resumed_run_counts_the_training_time_of_its_earlier_processes():
+    from robustkit.core.provenance import total_wall_s
+
+    # Trained in three processes: epochs 1-2, 3-4 (resumed after 2), 5 (resumed after 4); the last
+    # process measured 50 s of wall time (its epoch and the final measurement).
+    logs = [{"epoch": 1, "seconds": 10.0, "val_seconds": 1.0}, {"epoch": 2, "seconds": 12.0, "val_seconds": 1.0},
+            {"epoch": 3, "seconds": 20.0, "resumed_from_epoch": 2}, {"epoch": 4, "seconds": 22.0, "val_seconds": 2.0},
+            {"epoch": 5, "seconds": 30.0, "resumed_from_epoch": 4}]
+    assert total_wall_s({"wall_time_s": 50.0, "epochs_log": logs}) == 50.0 + 11 + 13 + 20 + 24
+    assert total_wall_s({"wall_time_s": 50.0, "epochs_log": logs[:2]}) == 50.0  # never resumed
+    assert total_wall_s({"epochs_log": logs}) is None

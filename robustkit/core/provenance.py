@@ -101,6 +101,22 @@ def command_line() -> list[str] | None:
     return [name, *sys.argv[1:]]
 
 
+def total_wall_s(training: dict[str, Any]) -> float | None:
+    """A checkpoint's training wall time over every process that trained it.
+
+    ``wall_time_s`` is the last process's: a run resumed after epoch k measured only the epochs after
+    it. The epochs before are in ``epochs_log`` (their ``seconds`` and ``val_seconds``), and the first
+    epoch of each resumed process says ``resumed_from_epoch``; work a killed process lost is in neither.
+    """
+    wall = training.get("wall_time_s")
+    logs = [e for e in training.get("epochs_log") or [] if isinstance(e, dict)]
+    resumed = [int(e["resumed_from_epoch"]) for e in logs if "resumed_from_epoch" in e]
+    if wall is None or not resumed:
+        return wall
+    earlier = logs[:max(resumed)]  # epochs are logged 1..E in order, so epoch k is logs[k - 1]
+    return round(wall + sum(float(e.get("seconds", 0.0)) + float(e.get("val_seconds", 0.0)) for e in earlier), 1)
+
+
 def training_run(device: object, wall: float, cpu: float) -> dict[str, Any]:
     """Where and how long a training run ran, as every trainer's checkpoint metadata records it.
 

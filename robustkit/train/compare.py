@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from robustkit.core.provenance import total_wall_s
 from robustkit.eval.paired import as_bools as _bools
 from robustkit.eval.paired import mcnemar_exact
 
@@ -240,8 +241,8 @@ def _checkpoint_facts(ckpt_json: Path) -> dict[str, Any]:
         "teacher": config.get("teacher"),
         "tau_t": config.get("tau_t"),
         "tau_s": config.get("tau_s"),
-        "train_wall_s": training.get("wall_time_s"),
-        "train_cpu_s": training.get("cpu_time_s"),
+        "train_wall_s": total_wall_s(training),  # all processes of a resumed run, not the last one's
+        "train_cpu_s": training.get("cpu_time_s"),  # the last process's only
         "val_curve": _val_curve(training),
     }
 
