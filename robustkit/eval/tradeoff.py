@@ -38,6 +38,7 @@ from torch import nn
 from robustkit.attacks.base import Attack
 from robustkit.core.errors import ConfigError, RobustkitError
 from robustkit.core.threat import format_eps
+from robustkit.distributed import current
 from robustkit.eval.curve import save_figure_atomic
 from robustkit.eval.harness import evaluate
 from robustkit.eval.lock import acquire, release
@@ -348,7 +349,9 @@ def accuracy_tradeoff(
             # The same command started twice shares the points: a point whose records another process
             # holds is left to it (that is how a 2-core machine runs two points at once).
             key = None
-            if pdir is not None and not _in_a_job():  # a torchrun job's ranks share every point instead
+            # A multi-process job's ranks evaluate every point together (evaluate() joins the same job),
+            # each with its own records file: they must not take turns.
+            if pdir is not None and current() is None:
                 try:
                     key = acquire(records["records_path"])
                 except ConfigError:
@@ -470,16 +473,6 @@ def paired_test(fixed: EvalResult, adaptive: EvalResult, alpha: float) -> dict[s
             "only_adaptive": robust["only_b"], "only_fixed": robust["only_a"], "p_value": robust["p_value"],
             "clean": {"only_adaptive": clean["only_b"], "only_fixed": clean["only_a"], "p_value": clean["p_value"]},
             "text": text}
-
-
-def _in_a_job() -> bool:
-    """One rank of a multi-process job (torchrun, or a caller's own process group): its ranks evaluate
-    each point together, and each writes its own records file, so they must not take turns."""
-    import torch.distributed as dist
-
-    from robustkit.distributed import launched
-
-    return launched() or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 class PointsInProgress(RobustkitError):
