@@ -127,8 +127,9 @@ SMALL_CNN_FASHION_MNIST_TRADES_PIN = "ad3e392016f48667125f12c65e855350510af1320e
 SMALL_CNN_MNIST_PARTIAL_PIN = "23bf1f48730f7c31788d91a8f291e842fa85d12485d5387ebb552f85bc80d6a6"
 # ... and of robustkit/weights/small_cnn.mnist_std (defenses/small_cnn.mnist_std.toml).
 SMALL_CNN_MNIST_STD_PIN = "c95894a3c20acd0be73164f645b933d849244882edcc9abfe98a0f6a6a3d649a"
-# ... and of the MNIST comparison's PGD-AT run (defenses/small_cnn.mnist_pgd_at.toml).
+# ... and of the MNIST comparison's PGD-AT and TRADES runs (defenses/small_cnn.mnist_{pgd_at,trades}.toml).
 SMALL_CNN_MNIST_PGD_AT_PIN = "00fdabecc39882c5465279caf567c6a8b62ac6cfb38b773ada73f0df47f360c1"
+SMALL_CNN_MNIST_TRADES_PIN = "c86ce2c443c16e6d8610defda8a5f33d11b4c00177204d2c1b6fbe225af91e38"
 
 
 def _register() -> None:
@@ -191,6 +192,12 @@ def _register() -> None:
                 pin=SMALL_CNN_MNIST_PGD_AT_PIN,
                 description="PGD-AT (PGD-5, eps 0.3), width 16, on 23,680 real MNIST train images (the last 1,000 "
                             "held out): the LTD comparison's PGD-AT run",
+            ),
+            "mnist_trades": Weights(
+                file="small_cnn.mnist_trades",
+                pin=SMALL_CNN_MNIST_TRADES_PIN,
+                description="TRADES (beta 6, PGD-5, eps 0.3), width 16, on 23,680 real MNIST train images (the last "
+                            "1,000 held out): the LTD comparison's TRADES run",
             ),
         },
         default_tag="cifar10_partial",
