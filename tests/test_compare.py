@@ -118,6 +118,7 @@ def test_comparison_on_another_dataset(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(compare, "_train", train)
     monkeypatch.setattr(compare, "_run", run)
+    monkeypatch.setitem(compare.DATASETS["fashion_mnist"], "shipped", {})  # train both (shipped runs: below)
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     argv = ["--dataset", "fashion_mnist", "--runs", "pgd-at,pgd-at+ltd", "--out-dir", str(out), "--work-dir", str(work)]
@@ -244,3 +245,55 @@ def test_a_resumed_run_counts_the_training_time_of_its_earlier_processes():
     assert total_wall_s({"wall_time_s": 50.0, "epochs_log": logs}) == 50.0 + 11 + 13 + 20 + 24
     assert total_wall_s({"wall_time_s": 50.0, "epochs_log": logs[:2]}) == 50.0  # never resumed
     assert total_wall_s({"epochs_log": logs}) is None
+
+
+def test_a_shipped_run_is_evaluated_not_retrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a clone (no work folder), a run the dataset maps to a shipped model is evaluated by its
+    registered id, with the shipped file's training facts, instead of being retrained (a retrain is not
+    bit-identical); a run without a shipped model still trains."""
+    from robustkit.models.base import WEIGHTS_DIR
+
+    evaluated: list[str] = []
+
+    def run(cmd: list[str], log: Path) -> None:
+        evaluated.append(cmd[cmd.index("--model") + 1])
+        _result(Path(cmd[cmd.index("--out") + 1]), 0.99, 0.90, 0)
+
+    monkeypatch.setattr(compare, "_run", run)
+    monkeypatch.setattr(compare, "_train", lambda *a, **k: pytest.fail("a shipped run was retrained"))
+    out = tmp_path / "out"
+    assert compare.main(["--dataset", "mnist", "--runs", "pgd-at,trades", "--out-dir", str(out),
+                         "--work-dir", str(tmp_path / "work")]) == 0
+    assert evaluated == ["small_cnn.mnist_pgd_at", "small_cnn.mnist_trades"]
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    shipped = json.loads((WEIGHTS_DIR / "small_cnn.mnist_pgd_at.json").read_text())
+    assert rows[0]["checkpoint"] == "small_cnn.mnist_pgd_at.safetensors"
+    assert rows[0]["checkpoint_sha256"] == shipped["sha256"] and rows[0]["val_curve"]
+
+    trained: list[str] = []
+
+    def train(trainer: str, recipe: str, overrides: list[str], stem: Path, args: object, log: Path) -> None:
+        trained.append(stem.name)
+        _ckpt(stem.parent / (stem.name + ".json"), "ltd", "pgd-at", 0, 0)
+
+    monkeypatch.setattr(compare, "_train", train)
+    assert compare.main(["--dataset", "mnist", "--runs", "pgd-at+ltd", "--out-dir", str(out),
+                         "--work-dir", str(tmp_path / "work")]) == 0
+    assert trained == ["pgd-at_ltd"] and evaluated[-1].endswith("pgd-at_ltd.safetensors")
+
+
+@pytest.mark.parametrize("dataset, run", [(d, r) for d in sorted(compare.DATASETS)
+                                          for r in sorted(compare.DATASETS[d].get("shipped", {}))])
+def test_a_shipped_run_was_trained_by_the_comparisons_own_config(dataset: str, run: str) -> None:
+    """The shipped file that stands in for a run recorded exactly the config the comparison would train
+    it with (recipe, run and dataset overrides): it is that run, not a look-alike."""
+    from robustkit.core.config import config_to_dict, read_recipe, resolve_config
+    from robustkit.models.base import WEIGHTS_DIR
+    from robustkit.train.base import get_trainer
+
+    trainer, recipe, extra = compare.RUNS[run]
+    _, fields = read_recipe(compare.RECIPES / recipe)
+    config = resolve_config(get_trainer(trainer).config, recipe=fields,
+                            overrides=[*extra, *compare._dataset_overrides(dataset, trainer)])
+    shipped = json.loads((WEIGHTS_DIR / f"{compare.DATASETS[dataset]['shipped'][run]}.json").read_text())
+    assert shipped["trainer"] == trainer and shipped["config"] == json.loads(json.dumps(config_to_dict(config)))
