@@ -167,6 +167,15 @@ def test_cli_comma_list_writes_one_result_per_attack(capsys, tmp_path):
     low = min(r["robust_accuracy"] for r in results.values())
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("robust accuracy by attack: apgd-ce") and f"report {100 * low:.2f}%" in last
+    # Each attack's result is the one it gets alone (no RNG state carried over from the attack before
+    # it), so a comma list may be run as separate processes, one per core, with the same answer.
+    # Square's random search after APGD-CE (eps 0.01 leaves it a few robust examples to get right):
+    pair = ["eval", "--model", "tiny_cnn.init", "--dataset", "synthetic", "--eps", "0.01", "--n-examples", "48",
+            "--no-progress"]
+    assert main([*pair, "--attack", "apgd-ce,square", "--out", str(tmp_path / "p.json")]) == 0
+    assert main([*pair, "--attack", "square", "--out", str(tmp_path / "alone.json")]) == 0
+    after, alone = (json.loads((tmp_path / f).read_text()) for f in ("p__square.json", "alone.json"))
+    assert after["robust_flags"] == alone["robust_flags"] and "1" in alone["robust_flags"]
 
 
 def test_cli_adaptive_on_plain_model_fails_before_running(capsys):
