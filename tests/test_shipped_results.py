@@ -33,7 +33,9 @@ QUOTED = {
         "defenses/ltd_comparison_fashion_mnist/trades__autoattack__fashion_mnist-n1000-s0.json"],
     "small_cnn.fashion_mnist_std": ["eval/results/small_cnn.fashion_mnist_std__autoattack__fashion_mnist-n1000-s0.json"],
     "adaptive_smoothing.fashion_mnist_partial": [
-        "eval/results/adaptive_smoothing.fashion_mnist_partial__apgd-ce__fashion_mnist-n200-s0.json"],
+        "eval/results/adaptive_smoothing.fashion_mnist_partial__apgd-ce__fashion_mnist-n200-s0.json",
+        "eval/tradeoff/tradeoff__adaptive_smoothing.fashion_mnist_partial__autoattack__fashion_mnist-n1000-s0.points/"
+        "adaptive.json"],
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
