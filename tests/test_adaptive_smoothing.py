@@ -397,6 +397,48 @@ def test_deployed_constants_are_chosen_on_held_out_training_images(tmp_path):
         as_constants.main([*argv[:3], str(n_split - 15), *argv[4:]])  # reaches back to its 16th image
 
 
+class _MaskedLinear(torch.nn.Module):
+    """A linear classifier of a quantised image: its input gradient is zero everywhere, the textbook
+    gradient masking a gradient attack cannot see through and a black-box one can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(10, 3 * 32 * 32, generator=torch.Generator().manual_seed(0)) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x * 8).div(8).flatten(1) @ self.w.t()
+
+
+def test_deployed_constants_can_be_scored_against_square_too():
+    """``--square-queries``: robust is APGD-CE, then Square on its survivors, so it is never above
+    APGD-CE's, and on a gradient-masked model it is what exposes the masking; the count equals one
+    made by hand (Square from the clean images, seeded by position), whatever the batch size."""
+    from robustkit.attacks.apgd import apgd_ce_batches
+    from robustkit.attacks.engine import rng
+    from robustkit.attacks.engine.square import square_linf
+    from robustkit.data import load_split
+    from robustkit.train.as_constants import score
+
+    model = _MaskedLinear().eval()
+    x, _ = load_split("synthetic", "test").tensors()
+    x = x[:24]
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image correct: robust accuracy is all the attacks' doing
+    kw = {"eps": 4 / 255, "steps": 1, "seed": 0}
+    plain = score(model, x, y, **kw)
+    assert plain["clean_acc"] == 1.0 and plain["robust_acc"] == plain["apgd_ce_acc"]
+    both = score(model, x, y, square_queries=30, **kw)
+    assert (both["clean_acc"], both["apgd_ce_acc"]) == (plain["clean_acc"], plain["apgd_ce_acc"])
+    assert both["robust_acc"] < both["apgd_ce_acc"] - 0.1  # the masking, exposed
+    assert score(model, x, y, square_queries=30, batch_size=7, **kw)["robust_acc"] == both["robust_acc"]
+    (_, _, adv), = apgd_ce_batches(model, x, y, eps=4 / 255, steps=1, seed=0)
+    sq, _ = square_linf(model, x, y, eps=4 / 255, seeds=rng.derive_seeds(0, 24), n_queries=30)
+    assert float((sq - x).abs().max()) <= 4 / 255 + 1e-6
+    with torch.no_grad():
+        by_hand = (model(adv).argmax(1) == y) & (model(sq).argmax(1) == y)
+    assert both["robust_acc"] == float(by_hand.sum()) / 24
+
+
 def test_trains_on_grayscale_28_pixel_images(tmp_path):
     """The feature taps are found at the dataset's own image shape (Fashion-MNIST: 1 x 28 x 28), not
     CIFAR's: a composite of two one-channel models trains, saves and reloads."""
