@@ -149,6 +149,19 @@ def test_force_replaces_and_a_rerun_of_the_same_evaluation_needs_none(work, caps
     header = json.loads((work / "r.records.jsonl").read_text().splitlines()[0])
     assert header["protocol"]["seed"] == 1
 
+    # the same fields but another eps (the result looks like this run's, its records do not): without
+    # --force the records are refused, nothing changes; --force starts them over
+    before = snapshot(work)
+    other_eps = [*EVAL, "--seed", "1", "--eps", "1/255", "--out", "r.json"]
+    code, _, err = run_main(capsys, *other_eps)
+    assert_refused(code, err, "records a different evaluation")
+    assert snapshot(work) == before
+    code, _, err = run_main(capsys, *other_eps, "--force")
+    assert code == 0, err
+    header = json.loads((work / "r.records.jsonl").read_text().splitlines()[0])
+    assert header["protocol"]["attack_config"]["eps"] == pytest.approx(1 / 255)
+    assert json.loads((work / "r.json").read_text())["attack_config"]["eps"] == pytest.approx(1 / 255)
+
 
 def test_submit_replaces_only_its_own_bundle(work, capsys):
     src = REPO / "leaderboard" / "entries" / "cifar10" / "Linf" / "Robustkit2026Small_CNN-FGSM-RS.json"

@@ -366,7 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             result = evaluate(s.model, attack, s.x, s.y, subject=s.subject,
                               attack_name=None if attack is None else name, batch_size=args.batch_size,
                               device=s.device, seed=args.seed, records_path=records,
-                              resume=not (args.no_resume or start_over), progress=progress_enabled(args),
+                              resume=not (args.no_resume or start_over), replace_other_records=args.force,
+                              progress=progress_enabled(args),
                               shard=shard, compile=args.compile)
             result.save(out)
             if results:

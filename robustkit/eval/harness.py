@@ -54,6 +54,7 @@ def evaluate(
     seed: int = 0,
     records_path: str | Path | None = None,
     resume: bool = True,
+    replace_other_records: bool = False,
     progress: bool = True,
     distributed: bool | None = None,
     shard: tuple[int, int] | None = None,
@@ -73,7 +74,8 @@ def evaluate(
             move to ``device``. Other float and integer dtypes are converted (recorded in
             ``checks.input_conversions``), anything ambiguous refused: :mod:`robustkit.eval.inputs`.
         records_path: JSONL file of per-example records; with ``resume`` a run that was killed
-            continues where it stopped and produces the same final numbers.
+            continues where it stopped and produces the same final numbers. A file that records
+            another evaluation is refused, or started over with ``replace_other_records``.
         seed: the only source of randomness; the caller's global RNG state is left untouched.
         distributed: share the batches among the ranks of a ``torch.distributed`` job (every rank
             calls ``evaluate`` with the same arguments and gets the same result). None: when the
@@ -108,7 +110,7 @@ def evaluate(
         protocol["shard"] = [int(shard[0]), int(shard[1])]
     progress = progress and (job is None or job.is_main)
     store = RecordStore(records_path, protocol, resume=resume, rank=job.rank if job else 0,
-                        world_size=job.world_size if job else 1)
+                        world_size=job.world_size if job else 1, replace_other=replace_other_records)
     try:
         _load_peers(store, job)
     except BaseException:

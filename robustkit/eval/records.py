@@ -63,7 +63,7 @@ class RecordStore:
     """
 
     def __init__(self, path: str | Path | None, protocol: dict[str, Any], *, resume: bool = True,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, replace_other: bool = False):
         self.base = Path(path) if path is not None else None
         self.path = rank_path(path, rank) if path is not None else None
         self.resume = resume
@@ -84,7 +84,8 @@ class RecordStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = lock.acquire(self.path)  # one writer per file; a second run refuses
         try:
-            if resume and self.path.exists() and self.path.stat().st_size > 0:
+            if resume and self.path.exists() and self.path.stat().st_size > 0 and not (
+                    replace_other and not self._records_this()):
                 self._load()
             else:
                 if rank == 0 and not resume:  # starting over: no earlier job's rank file may be resumed later
@@ -99,6 +100,18 @@ class RecordStore:
         except BaseException:
             self._release_lock()
             raise
+
+    def _records_this(self) -> bool:
+        """Does the file's header record this evaluation? (``replace_other``: the user asked to replace
+        another evaluation's output, e.g. at another eps, so its records start over instead of refusing.)"""
+        assert self.path is not None
+        with open(self.path, "rb") as f:
+            first = f.readline()
+        try:
+            header = json.loads(first)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return isinstance(header, dict) and header.get("protocol_hash") == self.hash
 
     def _load(self) -> None:
         """Check the header (refusing another evaluation's file), cut the uncommitted tail, and keep
