@@ -269,6 +269,47 @@ def _check_paired(model, x, y, tmp_path):
     assert t.plot(tmp_path / "t.png").stat().st_size > 1024
 
 
+def test_an_endpoint_can_be_imported_from_an_existing_evaluation_of_that_base(mixed, data, tmp_path, monkeypatch):
+    """``endpoint_results``: h's point is taken from an evaluation of h alone (as the LTD comparison
+    already ran it) instead of attacking h again; the row equals the one the trade-off computes itself,
+    and an evaluation of another checkpoint, seed, size or a shard is refused, naming what differs."""
+    from robustkit.eval import evaluate
+
+    x, y = data
+    kw = dict(batch_size=8, device="cpu", seed=1, progress=False)
+    own = accuracy_tradeoff(mixed, _pgd, "0.5", x, y, subject=Subject(model="mix", dataset="synthetic"),
+                            attack_name="pgd", **kw)
+    alone = evaluate(mixed.h, _pgd(), x, y, subject=Subject(model="h_base", checkpoint_sha256="ab" * 32,
+                                                            dataset="synthetic"), attack_name="pgd", **kw)
+    alone.save(tmp_path / "h.json")
+    attacked = []
+    real = tradeoff_mod.evaluate
+    monkeypatch.setattr(tradeoff_mod, "evaluate", lambda m, *a, **k: attacked.append(m) or real(m, *a, **k))
+    t = accuracy_tradeoff(mixed, _pgd, "0.5", x, y, subject=Subject(model="mix", dataset="synthetic"),
+                          attack_name="pgd", endpoint_results={"h": (tmp_path / "h.json", "ab" * 32)}, **kw)
+    assert mixed.h not in attacked and len(attacked) == 3  # g, alpha 0.5, adaptive
+    h = next(r for r in t.rows if r.kind == "h")
+    assert h.imported and h.result == str(tmp_path / "h.json") and "imported" in t.summary()
+    assert [(r.label, r.clean_acc, r.robust_acc) for r in t.rows] == [
+        (r.label, r.clean_acc, r.robust_acc) for r in own.rows]
+    assert t.verdict == own.verdict and not t.warnings
+
+    def refused(path, sha="ab" * 32, label="h"):
+        with pytest.raises(ConfigError) as e:
+            accuracy_tradeoff(mixed, _pgd, "0.5", x, y, subject=Subject(model="mix", dataset="synthetic"),
+                              attack_name="pgd", endpoint_results={label: (path, sha)}, **kw)
+        return str(e.value)
+
+    assert "differs in: checkpoint" in refused(tmp_path / "h.json", sha="cd" * 32)
+    evaluate(mixed.h, _pgd(), x, y, attack_name="pgd", **{**kw, "seed": 2}).save(tmp_path / "seed2.json")
+    assert "seed" in refused(tmp_path / "seed2.json", sha=None)
+    evaluate(mixed.h, _pgd(), x, y, attack_name="pgd", shard=(0, 2), **kw).save(tmp_path / "part.json")
+    assert "number of images" in refused(tmp_path / "part.json", sha=None)
+    assert "shard" in refused(tmp_path / "part.json", sha=None)
+    assert "no such file" in refused(tmp_path / "none.json")
+    assert "g or h" in refused(tmp_path / "h.json", label="adaptive")
+
+
 def test_check_endpoints_evaluates_mixed_alpha_0_and_1(mixed, data):
     x, y = data
     t = accuracy_tradeoff(mixed, _pgd, [0.0, 1.0], x, y, check_endpoints=True, batch_size=16,
@@ -314,6 +355,8 @@ def test_cli_writes_json_png_and_points(mixed, tmp_path, monkeypatch, capsys):
     (["--model", "tiny_cnn.init", "--dataset", "synthetic"], "not a MixedClassifier"),
     (["--model", "tiny_cnn.init", "--alphas", "0,2"], "outside [0, 1]"),
     (["--model", "tiny_cnn.init", "--attack", "none"], "needs an attack"),
+    (["--model", "tiny_cnn.init", "--endpoint-result", "adaptive=r.json"], "takes g=RESULT or h=RESULT"),
+    (["--model", "tiny_cnn.init", "--endpoint-result", "h=a.json", "--endpoint-result", "h=b.json"], "given twice"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(capsys, argv, needle):
     code = main(["tradeoff", *argv, "--device", "cpu", "--no-progress"])

@@ -156,6 +156,9 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
                     help="also evaluate the largest fixed alpha at least as accurate as the adaptive model "
                          "(found on clean images, no attack) and test the adaptive model against it, paired "
                          "per image (exact McNemar on robust flags)")
+    to.add_argument("--endpoint-result", action="append", default=[], metavar="g|h=RESULT",
+                    help="an existing `robustkit eval` result of the base g or h alone (same images, attack, "
+                         "seed; shards merged) used as that endpoint instead of attacking it again")
     to.add_argument("--out-dir", default="eval/tradeoff",
                     help="writes <model>__<attack>__n<N>.json/.png and a .points/ folder there "
                     "(default: eval/tradeoff)")
@@ -496,7 +499,9 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
         attack()  # a bad attack name or parameter fails before data loads
 
     check_early(args, [], folders=[Path(args.out_dir)], flag="--out-dir")  # before anything loads
+    endpoint_paths = _endpoint_flags(args.endpoint_result)
     s = load_subject(args, check=check)
+    endpoints = {label: (path, _base_sha256(s.model, label)) for label, path in endpoint_paths.items()}
     stem = tradeoff_stem(s.subject.model, args.attack, s.subject.dataset, len(s.y), args.seed)
     out = Path(args.out_dir) / f"{stem}.json"
     points_dir = Path(args.out_dir) / f"{stem}.points"
@@ -508,7 +513,7 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
         result = accuracy_tradeoff(
             s.model, s.attack, alphas, s.x, s.y, subject=s.subject, points_dir=points_dir,
             check_endpoints=args.check_endpoints, paired=args.paired, command=_tradeoff_command(args, alphas, s),
-            attack_name=args.attack, batch_size=args.batch_size, device=s.device, seed=args.seed,
+            endpoint_results=endpoints, attack_name=args.attack, batch_size=args.batch_size, device=s.device, seed=args.seed,
             progress=progress_enabled(args), compile=args.compile,
         )
     except PointsInProgress as e:  # not an error: this process's share is done
@@ -523,6 +528,32 @@ def cmd_tradeoff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _endpoint_flags(items: list[str]) -> dict[str, str]:
+    """``--endpoint-result g=PATH`` / ``h=PATH`` as {label: path}; one line and exit 2 otherwise."""
+    out: dict[str, str] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or label.strip() not in ("g", "h") or not path.strip():
+            raise ConfigError(f"--endpoint-result takes g=RESULT or h=RESULT, got {item!r}")
+        if label.strip() in out:
+            raise ConfigError(f"--endpoint-result {label.strip()} given twice")
+        out[label.strip()] = path.strip()
+    return out
+
+
+def _base_sha256(model: nn.Module, label: str) -> str:
+    """The checkpoint sha256 of the composite's base g or h (an imported endpoint must be of that file)."""
+    from robustkit.models import load_model
+
+    base = (getattr(model, "arch_args", None) or {}).get("std" if label == "g" else "robust")
+    if not base:
+        raise ConfigError(f"--endpoint-result {label}: this composite does not record which model its {label} is")
+    sha = load_model(base).checkpoint_sha256
+    if not sha:
+        raise ConfigError(f"--endpoint-result {label}: its base {base!r} has no checkpoint to check the result against")
+    return sha
+
+
 def _tradeoff_command(args: argparse.Namespace, alphas: list[float], s: EvalInputs) -> str:
     """Every option spelled out, defaults included: re-running this line reproduces the run."""
     import shlex
@@ -534,7 +565,7 @@ def _tradeoff_command(args: argparse.Namespace, alphas: list[float], s: EvalInpu
             *(["--data-file", args.data_file] if args.data_file else []), "--n-examples", str(len(s.y)),
             "--batch-size", str(args.batch_size), "--seed", str(args.seed), "--device", args.device,
             *(["--check-endpoints"] if args.check_endpoints else []), *(["--paired"] if args.paired else []),
-            "--out-dir", args.out_dir]
+            *[f"--endpoint-result={e}" for e in args.endpoint_result], "--out-dir", args.out_dir]
     return "robustkit tradeoff " + shlex.join(argv)
 
 

@@ -161,6 +161,7 @@ class TradeoffRow:
     result: str | None  # the point's result JSON (None when nothing is saved)
     seconds: float  # attack + clean time over all sessions (the result's total_seconds)
     reused: bool = False  # taken from a finished point's JSON in this session
+    imported: bool = False  # an endpoint taken from an existing evaluation of that base (``endpoint_results``)
 
 
 @dataclass
@@ -219,7 +220,7 @@ class Tradeoff:
         for r in self.rows:
             rows.append((r.kind, "alpha(x)" if r.alpha is None else f"{r.alpha:g}",
                          f"{100 * r.clean_acc:.2f}%", f"{100 * r.robust_acc:.2f}%", _fmt_seconds(r.seconds),
-                         "reused" if r.reused else ""))
+                         "imported" if r.imported else "reused" if r.reused else ""))
         lines = text_table(rows, note_column=True)
         head = (f"model {self.model} | data {self.dataset} (n={self.n_examples}) | attack {self.attack} | "
                 f"{self.norm} eps={format_eps(self.eps)} | seed {self.seed}")
@@ -287,6 +288,7 @@ def accuracy_tradeoff(
     check_endpoints: bool = False,
     paired: bool = False,
     command: str | None = None,
+    endpoint_results: dict[str, tuple[str | Path, str | None]] | None = None,
     **evaluate_kwargs: Any,
 ) -> Tradeoff:
     """Evaluate g, h, each ``model.fixed_alpha(a)`` and ``model`` itself on the same ``(x, y)``.
@@ -298,6 +300,13 @@ def accuracy_tradeoff(
     ``<label>.records.jsonl`` there; a re-run reuses a finished point's JSON when it records the
     same evaluation (model, attack config, data, seed, batch size) and resumes an unfinished one
     from its records.
+
+    ``endpoint_results``: ``{"g" or "h": (result JSON, that base's checkpoint sha256)}``, an existing
+    evaluation of the base model alone (``robustkit eval``, possibly merged from shards) that stands
+    for the endpoint instead of attacking it again: h's is the most expensive point, and a study that
+    already measured h (the LTD comparison) should not pay for it twice. It must be of that checkpoint,
+    on these images, with this attack, its config and seed (:func:`_imported`); another batch size is
+    allowed and said in the warnings (the reference re-seeds per batch: valid flags, not batch-exact).
     """
     for key in ("records_path", "resume"):
         if key in evaluate_kwargs:
@@ -334,9 +343,26 @@ def accuracy_tradeoff(
     results: dict[str, EvalResult] = {}
     attack: Attack | None = None
     busy: list[str] = []  # points another process is evaluating right now (their records are locked)
+    imports = dict(endpoint_results or {})
+    unknown = sorted(set(imports) - {"g", "h"})
+    if unknown:
+        raise ConfigError(f"an imported endpoint is g or h, got {unknown[0]!r}")
+    notes: list[str] = []
     for k, (kind, alpha, label, build) in enumerate(plan):
         attack = attack_factory()
         name = f"{base_name}:{label}" if kind != "adaptive" else base_name
+        if kind in imports:
+            path, sha = imports[kind]
+            res = _imported(kind, Path(path), sha, attack, evaluate_kwargs.get("attack_name") or attack.name,
+                            fingerprint, int(x.shape[0]), evaluate_kwargs)
+            if res.batch_size != int(evaluate_kwargs.get("batch_size", 256)):
+                notes.append(f"{kind}: imported from {path}, evaluated at batch size {res.batch_size} (the "
+                             "reference engine re-seeds per batch: valid flags, not the batch-exact ones of this run)")
+            results[label] = res
+            rows.append(TradeoffRow(kind=kind, alpha=alpha, label=label, clean_acc=res.clean_accuracy,
+                                    robust_acc=float(res.robust_accuracy or 0.0), result=str(path),
+                                    seconds=float(res.timing.get("total_seconds", 0.0)), reused=True, imported=True))
+            continue
         if progress:
             print(f"{label} ({k + 1}/{len(plan)})", file=sys.stderr)
         json_path = pdir / f"{label}.json" if pdir is not None else None
@@ -398,7 +424,7 @@ def accuracy_tradeoff(
         attack_config=attack.config(), norm=attack.norm, eps=attack.eps, dataset=base.dataset,
         n_examples=base.n_examples, seed=base.seed, batch_size=base.batch_size, alphas=grid,
         check_endpoints=check_endpoints, rows=rows, verdict={}, command=command,
-        warnings=list(dict.fromkeys(f"{lbl}: {w}" for lbl, r in results.items() for w in r.warnings)),
+        warnings=list(dict.fromkeys([*notes, *(f"{lbl}: {w}" for lbl, r in results.items() for w in r.warnings)])),
         provenance=base.provenance, data=base.data,
         timing={"total_seconds": sum(r.seconds for r in rows), "this_session_seconds": time.time() - started,
                 "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))},
@@ -508,6 +534,29 @@ def _finished(path: Path | None, subject: Subject, attack: Attack, fingerprint: 
         and res.robust_accuracy is not None
     )
     return res if same else None
+
+
+def _imported(label: str, path: Path, sha256: str | None, attack: Attack, attack_name: str, fingerprint: str,
+              n: int, kwargs: dict[str, Any]) -> EvalResult:
+    """The existing evaluation of base ``label`` at ``path``, refused unless it is of that checkpoint, on
+    these images, with this attack, config and seed (a one-line error says what differs)."""
+    if not path.exists():
+        raise ConfigError(f"--endpoint-result {label}={path}: no such file")
+    res = EvalResult.load(path)
+    differs = [what for what, bad in (
+        ("checkpoint", sha256 is not None and res.provenance.get("checkpoint_sha256") != sha256),
+        ("attack", res.attack != attack_name),
+        ("attack config", res.attack_config != json.loads(json.dumps(attack.config()))),
+        ("number of images", res.n_examples != n),
+        ("images", res.data.get("fingerprint") != fingerprint),
+        ("seed", res.seed != int(kwargs.get("seed", 0))),
+        ("shard (merge the parts first)", res.shard is not None),
+        ("robust accuracy (none recorded)", res.robust_accuracy is None),
+    ) if bad]
+    if differs:
+        raise ConfigError(f"--endpoint-result {label}={path} is not an evaluation of this composite's {label} on "
+                          f"these images with this attack (differs in: {', '.join(differs)})")
+    return res
 
 
 def _endpoint_checks(results: dict[str, EvalResult]) -> list[dict[str, Any]]:
