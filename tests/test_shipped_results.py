@@ -37,7 +37,8 @@ QUOTED = {
         "eval/tradeoff/tradeoff__adaptive_smoothing.fashion_mnist_partial__autoattack__fashion_mnist-n1000-s0.points/"
         "adaptive.json",
         "eval/results/adaptive_smoothing.fashion_mnist_partial__autoattack__fashion_mnist-n200-s0.json",
-        "eval/results/adaptive_smoothing.fashion_mnist_partial__autoattack-adaptive__fashion_mnist-n200-s0.json"],
+        "eval/results/adaptive_smoothing.fashion_mnist_partial__autoattack-adaptive__fashion_mnist-n200-s0.json",
+        "eval/results/adaptive_smoothing.fashion_mnist_partial__autoattack-adaptive__fashion_mnist-n1000-s0.json"],
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
