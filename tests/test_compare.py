@@ -277,6 +277,8 @@ def test_a_shipped_run_is_evaluated_not_retrained(tmp_path: Path, monkeypatch: p
         _ckpt(stem.parent / (stem.name + ".json"), "ltd", "pgd-at", 0, 0)
 
     monkeypatch.setattr(compare, "_train", train)
+    unmapped = {k: v for k, v in compare.DATASETS["mnist"]["shipped"].items() if k != "pgd-at+ltd"}
+    monkeypatch.setitem(compare.DATASETS["mnist"], "shipped", unmapped)  # as if pgd-at+ltd were not shipped
     assert compare.main(["--dataset", "mnist", "--runs", "pgd-at+ltd", "--out-dir", str(out),
                          "--work-dir", str(tmp_path / "work")]) == 0
     assert trained == ["pgd-at_ltd"] and evaluated[-1].endswith("pgd-at_ltd.safetensors")

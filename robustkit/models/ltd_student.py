@@ -30,6 +30,10 @@ from robustkit.models.base import Weights, model_info, register_model
 LTD_CIFAR10_PARTIAL_PIN = "f02c41a635c7a7d665bc0b20e2fbfe210f884f2b5a31b2acd5509b455bb4cb2b"
 # ... and of robustkit/weights/ltd.fashion_mnist_partial (defenses/ltd.fashion_mnist_partial.toml).
 LTD_FASHION_MNIST_PARTIAL_PIN = "b80defc8e697550abf6ae7c271bab3cb591709221e971023727c7d888bfe887f"
+# ... and of robustkit/weights/ltd.mnist_trades (defenses/ltd.mnist_trades.toml).
+LTD_MNIST_TRADES_PIN = "8469ad008b1b1f7e9a0bf5a5256649f5a2b85e3f95ef6ac809c81c46228b1120"
+# ... and of robustkit/weights/ltd.mnist_partial (defenses/ltd.mnist_partial.toml).
+LTD_MNIST_PARTIAL_PIN = "6fc9d9b7920dc5c5c1638caab94e477f6ed309220a1c909d94c17837bee2db1c"
 
 
 class LTDStudent(nn.Module):
@@ -82,6 +86,18 @@ def _register() -> None:
                 description="LTD-PGD-AT SmallCNN (width 16, tau_t 0.5, tau_s 2, Linf 0.1) on 7,226 real "
                             "Fashion-MNIST train images; recipe defenses/ltd.fashion_mnist_partial.toml, card "
                             "defenses/cards/ltd.fashion_mnist_partial.md",
+            ),
+            "mnist_partial": Weights(
+                file="ltd.mnist_partial",
+                pin=LTD_MNIST_PARTIAL_PIN,
+                description="LTD-PGD-AT SmallCNN (width 16, tau_t 0.5, tau_s 2, Linf 0.3) on 23,680 real MNIST "
+                            "train images; recipe defenses/ltd.mnist_partial.toml, card defenses/cards/ltd.mnist.md",
+            ),
+            "mnist_trades": Weights(
+                file="ltd.mnist_trades",
+                pin=LTD_MNIST_TRADES_PIN,
+                description="LTD-TRADES SmallCNN (width 16, tau_t 0.5, tau_s 2, Linf 0.3) on 23,680 real MNIST "
+                            "train images; recipe defenses/ltd.mnist_trades.toml, card defenses/cards/ltd.mnist.md",
             ),
         },
         default_tag="cifar10_partial",

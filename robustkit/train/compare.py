@@ -67,7 +67,8 @@ DATASETS: dict[str, dict[str, Any]] = {
               "all": ["dataset=mnist", "eps=0.3", "crop_pad=2", "flip=false", "holdout=1000", "steps=5",
                       "eps_warmup=3", "epochs=10"],
               "ltd": ["teacher=small_cnn.mnist_partial"],
-              "shipped": {"pgd-at": "small_cnn.mnist_pgd_at", "trades": "small_cnn.mnist_trades"}},
+              "shipped": {"pgd-at": "small_cnn.mnist_pgd_at", "pgd-at+ltd": "ltd.mnist_partial",
+                          "trades": "small_cnn.mnist_trades", "trades+ltd": "ltd.mnist_trades"}},
 }
 # A run in a dataset's "shipped" map was trained by exactly this comparison's command and shipped as that
 # registered model: where the work folder has no checkpoint of the run (a fresh clone, another machine),
