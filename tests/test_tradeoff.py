@@ -351,6 +351,51 @@ def test_cli_writes_json_png_and_points(mixed, tmp_path, monkeypatch, capsys):
     assert "verdict:" in out
 
 
+def test_a_point_run_by_eval_in_shards_is_a_point_of_the_tradeoff(mixed, tmp_path, monkeypatch, capsys):
+    """``robustkit eval --fixed-alpha A`` evaluates the fixed mixture under the trade-off's name for it;
+    run as shards and merged into the points folder, the trade-off takes it as finished (a point too long
+    for one session can be spread over several), and its numbers equal the trade-off's own."""
+    from robustkit import models
+    from robustkit.models.base import LoadedModel
+
+    monkeypatch.setattr(models, "load_model", lambda name, **kw: LoadedModel(
+        mixed, name, "synthetic", 10, "ab" * 32, {"architecture": "adaptive_smoothing"}))
+    common = ["--model", "mix_test", "--attack", "pgd", "--attack-arg", "steps=1", "--eps", "2/255",
+              "--n-examples", "8", "--batch-size", "8", "--device", "cpu", "--no-progress"]
+    stem = "tradeoff__mix_test__pgd__synthetic-n8-s0"
+    points = tmp_path / "tr" / f"{stem}.points"
+    for i in (0, 1):
+        assert main(["eval", *common, "--fixed-alpha", "0.5", "--shard", f"{i}/2",
+                     "--out", str(tmp_path / f"part{i}.json")]) == 0
+    assert main(["merge", str(tmp_path / "part0.json"), str(tmp_path / "part1.json"),
+                 "--out", str(points / "alpha_0.5.json")]) == 0
+    merged = json.loads((points / "alpha_0.5.json").read_text())
+    assert merged["model"] == "mix_test:alpha_0.5"
+    capsys.readouterr()
+    attacked = []
+    real = tradeoff_mod.evaluate
+    monkeypatch.setattr(tradeoff_mod, "evaluate", lambda m, *a, **k: attacked.append(k["subject"].model) or real(m, *a, **k))
+    assert main(["tradeoff", *common, "--alphas", "0.5", "--out-dir", str(tmp_path / "tr")]) == 0
+    assert attacked == ["mix_test:g", "mix_test:h", "mix_test"]  # not alpha 0.5: it was finished
+    row = next(r for r in json.loads((tmp_path / "tr" / f"{stem}.json").read_text())["rows"] if r["label"] == "alpha_0.5")
+    assert row["reused"] and (row["clean_acc"], row["robust_acc"]) == (merged["clean_accuracy"], merged["robust_accuracy"])
+    own = accuracy_tradeoff(mixed, lambda: PGD(ThreatModel("Linf", 2 / 255), steps=1), "0.5", *_first(8),
+                            batch_size=8, device="cpu", progress=False, subject=Subject(model="mix_test"))
+    assert next(r for r in own.rows if r.label == "alpha_0.5").robust_acc == row["robust_acc"]
+    # a model without a mixing network has no fixed mixtures: one line, exit 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["eval", "--model", "tiny_cnn.init", "--fixed-alpha", "0.5", "--dataset", "synthetic",
+                 "--device", "cpu", "--no-progress", "--n-examples", "4"]) == 2
+    assert "not a MixedClassifier" in capsys.readouterr().err
+
+
+def _first(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from robustkit.data import load_split
+
+    return load_split("synthetic", "test").tensors(n)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "tiny_cnn.init", "--dataset", "synthetic"], "not a MixedClassifier"),
     (["--model", "tiny_cnn.init", "--alphas", "0,2"], "outside [0, 1]"),

@@ -92,6 +92,10 @@ def _add_eval(sub: argparse._SubParsersAction, epilog: str) -> None:
     ev.add_argument("--client", type=int, default=None, metavar="K",
                     help="federated models (fedloge): evaluate client K's personalised model on its local test set")
     ev.add_argument("--no-resume", action="store_true", help="start over even if --out has records")
+    ev.add_argument("--fixed-alpha", type=float, default=None, metavar="A",
+                    help="mixed classifiers (adaptive smoothing): evaluate the fixed mixture of g and h with weight "
+                    "A in [0, 1] instead of the mixing network's alpha(x), named <model>:alpha_<A> as `robustkit "
+                    "tradeoff` names its points (so a sharded, merged run can be one of its points)")
     ev.add_argument("--shard", default=None, metavar="I/N",
                     help="evaluate only part I (0-based) of N contiguous parts of the examples, with no "
                     "communication (a job array); `robustkit merge` joins the parts' results. Under torchrun "
@@ -343,6 +347,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attacks: list[Any] = [None]
 
     def build(attack: AttackFactory, loaded: LoadedModel) -> None:
+        if args.fixed_alpha is not None:
+            from robustkit.eval.tradeoff import parse_alphas, require_mixed
+
+            require_mixed(loaded.model, loaded.name)
+            parse_alphas([args.fixed_alpha])  # in [0, 1], one line otherwise
+            loaded.model = loaded.model.fixed_alpha(args.fixed_alpha)
         if args.attack.lower() == "none":
             if args.attack_arg:
                 raise ConfigError("--attack-arg needs an attack")
@@ -356,6 +366,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_early(args, [(p, "--out") for a in names for p in _eval_paths(args, a, len(names), None)])
     shard = parse_shard(args.shard) if args.shard else None
     s = load_subject(args, check=build)
+    if args.fixed_alpha is not None:  # the name a trade-off gives this point (robustkit.eval.tradeoff)
+        s = replace(s, subject=s.subject.renamed(f"{s.subject.model}:alpha_{args.fixed_alpha:.6g}"))
     outs = [_eval_paths(args, a, len(names), s)[0] for a in names]
     fresh = [_check_eval_output(args, s, None if attack is None else name, out)  # --force over another run
              for name, attack, out in zip(names, attacks, outs, strict=True)]
