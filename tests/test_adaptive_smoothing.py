@@ -439,6 +439,39 @@ def test_deployed_constants_can_be_scored_against_square_too():
     assert both["robust_acc"] == float(by_hand.sum()) / 24
 
 
+def test_the_robust_base_is_chosen_on_held_out_training_images(tmp_path, capsys):
+    """``as_base`` scores candidate robust models on the last N training images with the
+    ``as_constants`` rule and refuses a candidate that trained on them, or that records no training
+    images at all (it could have)."""
+    from robustkit.cli import guarded
+    from robustkit.data import load_split
+    from robustkit.train import as_base
+    from robustkit.train.as_constants import score
+
+    n_split = len(load_split("synthetic", "train").labels)
+    for i, name in enumerate(("a", "b", "c")):
+        seen = f"0-{n_split - 25}" if name != "c" else f"0-{n_split - 1}"  # c trained on everything
+        save_checkpoint(_tiny(i), tmp_path / name, architecture="tiny_cnn", arch_args={}, dataset="synthetic",
+                        num_classes=10, training={"data": {"dataset": "synthetic", "train_indices": seen}})
+    save_checkpoint(_tiny(3), tmp_path / "d", architecture="tiny_cnn", arch_args={}, dataset="synthetic", num_classes=10)
+    ck = {n: str(tmp_path / f"{n}.safetensors") for n in "abcd"}
+    argv = ["--holdout", "24", "--eps", "2/255", "--steps", "2", "--square-queries", "10", "--out", str(tmp_path / "o")]
+    assert as_base.main(["--candidates", f"{ck['a']},{ck['b']}", *argv]) == 0
+    report = json.loads((tmp_path / "o" / "bases.json").read_text())
+    x, y = load_split("synthetic", "train").tensors()
+    for r, name in zip(report["rows"], "ab", strict=True):  # each score is that model's, recomputed here
+        expect = score(load_model(ck[name]).model.eval(), x[-24:], y[-24:], eps=2 / 255, steps=2, seed=0,
+                       square_queries=10)
+        assert (r["clean_acc"], r["apgd_ce_acc"], r["robust_acc"]) == (
+            expect["clean_acc"], expect["apgd_ce_acc"], expect["robust_acc"])
+    best = max(report["rows"], key=lambda r: ((r["clean_acc"] + r["robust_acc"]) / 2, r["robust_acc"]))
+    assert report["pick"] == best["model"] and "(picked)" in (tmp_path / "o" / "bases.md").read_text()
+    capsys.readouterr()
+    for bad, needle in (("c", "trained on 24 of the held-out images"), ("d", "records no synthetic training images")):
+        assert guarded(as_base.main, ["--candidates", f"{ck['a']},{ck[bad]}", *argv]) == 2
+        assert needle in capsys.readouterr().err
+
+
 def test_trains_on_grayscale_28_pixel_images(tmp_path):
     """The feature taps are found at the dataset's own image shape (Fashion-MNIST: 1 x 28 x 28), not
     CIFAR's: a composite of two one-channel models trains, saves and reloads."""
