@@ -31,6 +31,10 @@ QUOTED = {
         "defenses/ltd_comparison_fashion_mnist/pgd-at__autoattack__fashion_mnist-n1000-s0.json"],
     "small_cnn.fashion_mnist_trades": [
         "defenses/ltd_comparison_fashion_mnist/trades__autoattack__fashion_mnist-n1000-s0.json"],
+    "small_cnn.mnist_pgd_at": ["defenses/ltd_comparison_mnist/pgd-at__autoattack__mnist-n1000-s0.json"],
+    "ltd.mnist_partial": ["defenses/ltd_comparison_mnist/pgd-at_ltd__autoattack__mnist-n1000-s0.json"],
+    "small_cnn.mnist_trades": ["defenses/ltd_comparison_mnist/trades__autoattack__mnist-n1000-s0.json"],
+    "ltd.mnist_trades": ["defenses/ltd_comparison_mnist/trades_ltd__autoattack__mnist-n1000-s0.json"],
     "small_cnn.fashion_mnist_std": ["eval/results/small_cnn.fashion_mnist_std__autoattack__fashion_mnist-n1000-s0.json"],
     "adaptive_smoothing.fashion_mnist_partial": [
         "eval/results/adaptive_smoothing.fashion_mnist_partial__apgd-ce__fashion_mnist-n200-s0.json",
