@@ -353,7 +353,7 @@ def test_cli_trains_then_redeploys_the_same_mixer_with_new_constants(tmp_path, c
     assert not (tmp_path / "c.json").exists() and not (tmp_path / "d.json").exists()
 
 
-def test_deployed_constants_are_chosen_on_held_out_training_images(tmp_path):
+def test_deployed_constants_are_chosen_on_held_out_training_images(tmp_path, monkeypatch):
     """``as_constants`` scores a grid of deployed constants on the last N training images, which the
     mixer left out (``holdout``), picks by its rule, and refuses images the mixer trained on."""
     import dataclasses
@@ -393,6 +393,21 @@ def test_deployed_constants_are_chosen_on_held_out_training_images(tmp_path):
         with torch.no_grad():
             assert round(24 * r["clean_acc"]) == int((loaded.model(x[-24:]).argmax(1) == y[-24:]).sum())
     assert "(picked)" in (out / "constants.md").read_text() and (out / "constants.png").stat().st_size > 1000
+    # every finished score is kept: a re-run (after a kill) scores nothing again and reports the same rows;
+    # a changed attack setting is a different key and is scored afresh
+    cache = out / "constants.records.jsonl"
+    assert len(cache.read_text().splitlines()) == 4 + 2
+    cache.write_text(cache.read_text() + '{"key": {"eval_bias"')  # the half-written line a kill leaves
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored again")
+
+    with monkeypatch.context() as m:
+        m.setattr(as_constants, "score", no_scoring)
+        assert as_constants.main(argv) == 0
+        assert json.loads((out / "constants.json").read_text())["rows"] == rows
+        with pytest.raises(AssertionError, match="scored again"):
+            as_constants.main([*argv[:-2], "--steps", "3", "--out", str(out)])
     with pytest.raises(DataError, match="mixer trained on 1 of the held-out images"):
         as_constants.main([*argv[:3], str(n_split - 15), *argv[4:]])  # reaches back to its 16th image
 
