@@ -408,6 +408,11 @@ def test_deployed_constants_are_chosen_on_held_out_training_images(tmp_path, mon
         assert json.loads((out / "constants.json").read_text())["rows"] == rows
         with pytest.raises(AssertionError, match="scored again"):
             as_constants.main([*argv[:-2], "--steps", "3", "--out", str(out)])
+    # two processes on one grid (a second core): what one finishes, the other's next lookup sees
+    one, other = (as_constants.ScoreCache(tmp_path / "shared.jsonl", {"model": "m"}) for _ in range(2))
+    assert one.get({"eval_bias": 1}) is None
+    other.put({"eval_bias": 1}, {"clean_acc": 0.5})
+    assert one.get({"eval_bias": 1}) == {"clean_acc": 0.5} and one.get({"eval_bias": 2}) is None
     with pytest.raises(DataError, match="mixer trained on 1 of the held-out images"):
         as_constants.main([*argv[:3], str(n_split - 15), *argv[4:]])  # reaches back to its 16th image
 

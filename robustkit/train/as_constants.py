@@ -21,7 +21,9 @@ writes ``<out>/constants.json`` (every candidate's scores, the pick, the rule, t
 ``constants.md`` and ``constants.png`` (the candidates, g and h in the clean-vs-robust plane). With
 Square a candidate costs minutes to tens of minutes, so each finished score is kept in
 ``<out>/constants.records.jsonl`` (resume state, ignored by git, keyed by everything the score depends
-on) and a killed run picks up where it stopped.
+on): a killed run picks up where it stopped, and a second process given the same grid in reverse
+order (``--eval-bias 2.5,1.5,0.4 --alpha-min 0.8,0.5,0``) shares the work on a second core; the
+canonical command re-run at the end reads every score back and writes the report.
 """
 
 from __future__ import annotations
@@ -118,18 +120,24 @@ class ScoreCache:
 
     def __init__(self, path: Path | None, base: dict[str, Any]) -> None:
         self.path, self.base, self.done = path, base, {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                    self.done[json.dumps(entry["key"], sort_keys=True)] = entry["score"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut off by a kill: that candidate is scored again
+
+    def _load(self) -> None:
+        # Re-read at every lookup: a second process scoring the grid in another order (a second core)
+        # appends to the same file, and neither scores what the other has finished.
+        if self.path is None or not self.path.exists():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                self.done[json.dumps(entry["key"], sort_keys=True)] = entry["score"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut off by a kill: that candidate is scored again
 
     def _key(self, candidate: dict[str, Any]) -> dict[str, Any]:
         return {**self.base, **candidate}
 
     def get(self, candidate: dict[str, Any]) -> dict[str, float] | None:
+        self._load()
         return self.done.get(json.dumps(self._key(candidate), sort_keys=True))
 
     def put(self, candidate: dict[str, Any], s: dict[str, float]) -> None:
