@@ -47,6 +47,9 @@ ADAPTIVE_SMOOTHING_CIFAR10_PARTIAL_PIN = "4025141c797dfc5e2717ddfc545d2eb76e9e3e
 # ... and of robustkit/weights/adaptive_smoothing.fashion_mnist_partial (small_cnn.fashion_mnist_std +
 # ltd.fashion_mnist_partial; defenses/adaptive_smoothing.fashion_mnist_partial.toml).
 ADAPTIVE_SMOOTHING_FASHION_MNIST_PARTIAL_PIN = "3246be39742ef885dfc29110bde401b77ff211ed0210c128b9e3cba1a78115b4"
+# ... and of robustkit/weights/adaptive_smoothing.mnist_partial (small_cnn.mnist_std + small_cnn.mnist_pgd_at;
+# defenses/adaptive_smoothing.mnist_partial.toml).
+ADAPTIVE_SMOOTHING_MNIST_PARTIAL_PIN = "6dc4a69f32e3914cb631a03e280cfa05b4cf3a3e33c7b5461962526f8786e654"
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +489,13 @@ def _register() -> None:
                 description="mixing network for small_cnn.fashion_mnist_std + ltd.fashion_mnist_partial (Linf "
                             "0.1), trained on 7,226 real Fashion-MNIST train images, deployed constants chosen on "
                             "the 1,000 held out (defenses/adaptive_smoothing.fashion_mnist_partial.toml)",
+            ),
+            "mnist_partial": Weights(
+                file="adaptive_smoothing.mnist_partial",
+                pin=ADAPTIVE_SMOOTHING_MNIST_PARTIAL_PIN,
+                description="mixing network for small_cnn.mnist_std + small_cnn.mnist_pgd_at (Linf 0.3), trained "
+                            "on 23,680 real MNIST train images, deployed constants chosen on the 1,000 held out "
+                            "(defenses/adaptive_smoothing.mnist_partial.toml)",
             ),
         },
         default_tag="cifar10_partial",

@@ -42,7 +42,7 @@ import torch
 
 from robustkit.core.errors import ConfigError, DataError
 
-RULE = "max mean(clean, robust) accuracy on the held-out training images; ties: higher robust"
+RULE = "max mean(clean, robust) accuracy on the held-out training images; ties: higher robust, then the first in the order given"
 
 
 def _ranges(spec: str) -> set[int]:
