@@ -115,6 +115,24 @@ def build_parser() -> argparse.ArgumentParser:
                ".merged)")
     mg.set_defaults(func=cmd_merge)
 
+    pr = sub.add_parser(
+        "paired", help="paired statistics of result JSONs on the same images: McNemar tests, per-example worst case",
+        description="Compare result JSONs scored on the same images at the same threat (data fingerprint, count, "
+        "norm, eps; anything else is refused): for every pair, the examples robust under one and not the other "
+        "and the exact McNemar p on them (robust flags, and clean flags); when all results evaluate one model "
+        "(several attacks), the per-example worst case: robust only if every attack left it robust, the number "
+        "to quote.",
+        epilog="examples:\n  robustkit paired r__autoattack.json r__autoattack-adaptive.json     # worst case of two attacks\n"
+        "  robustkit paired pgd_at.json pgd_at_ltd.json --label PGD-AT --label PGD-AT+LTD --out paired.json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pr.add_argument("results", nargs="+", metavar="RESULT.json", help="result JSONs (robustkit eval or merge)")
+    pr.add_argument("--label", action="append", default=None, metavar="NAME",
+                    help="a short name per result, in order (repeat once per result; default: the attack or model)")
+    add_common(pr, seed=None, data=False, progress=False, force=True,
+               out="also write the report as JSON (schema robustkit.paired) to PATH")
+    pr.set_defaults(func=cmd_paired)
+
     from robustkit.cli.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
@@ -232,6 +250,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(merged.summary())
     print(f"\n{'identical to a single run' if merge['batch_exact'] else 'NOT batch-exact'}: {merge['why']}")
     print(f"merged {len(args.parts)} parts -> {out}")
+    return 0
+
+
+def cmd_paired(args: argparse.Namespace) -> int:
+    from robustkit.eval.outputs import check_output, read_json
+    from robustkit.eval.paired import PAIRED_SCHEMA, compare_results, format_comparison
+    from robustkit.eval.results import write_json_atomic
+
+    out = None
+    if args.out:  # checked before reading anything: a typo costs nothing
+        out = check_output(args.out, inputs=[(Path(p), f"the result {p}") for p in args.results], force=args.force,
+                           kind="a paired report",
+                           replaceable=lambda p: (d := read_json(p)) is not None and d.get("schema") == PAIRED_SCHEMA)
+    report = compare_results(args.results, args.label)
+    print(format_comparison(report))
+    if out is not None:
+        write_json_atomic(out, report)
+        print(f"report -> {out}")
     return 0
 
 
