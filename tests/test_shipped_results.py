@@ -43,6 +43,10 @@ QUOTED = {
         "eval/results/adaptive_smoothing.fashion_mnist_partial__autoattack__fashion_mnist-n200-s0.json",
         "eval/results/adaptive_smoothing.fashion_mnist_partial__autoattack-adaptive__fashion_mnist-n200-s0.json",
         "eval/results/adaptive_smoothing.fashion_mnist_partial__autoattack-adaptive__fashion_mnist-n1000-s0.json"],
+    "adaptive_smoothing.mnist_partial": [
+        "eval/results/adaptive_smoothing.mnist_partial__apgd-ce__mnist-n200-s0.json",
+        "eval/tradeoff/tradeoff__adaptive_smoothing.mnist_partial__autoattack__mnist-n1000-s0.points/adaptive.json"],
+    "small_cnn.mnist_std": ["eval/results/small_cnn.mnist_std__autoattack__mnist-n1000-s0.json"],
 }
 
 pytestmark = pytest.mark.usefixtures("one_thread")
