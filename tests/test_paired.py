@@ -109,3 +109,15 @@ def test_labels_and_report_file(tmp_path: Path, capsys) -> None:
     assert main(["paired", a, b, "--out", str(other)]) == 2  # anything else: refused
     assert other.read_text() == "mine"
     assert main(["paired", a, b, "--out", a]) == 2  # an input: never
+
+
+def test_comma_list_summary_uses_the_same_worst_case() -> None:
+    """`eval --attack a,b` prints the worst case from the same function as `paired`."""
+    from types import SimpleNamespace
+
+    from robustkit.cli.eval import _attack_comparison
+
+    results = [SimpleNamespace(attack="a", robust_accuracy=0.5, robust_flags="1100"),
+               SimpleNamespace(attack="b", robust_accuracy=0.5, robust_flags="1010")]
+    line = _attack_comparison(results)
+    assert "report 25.00% (per-example worst case" in line and "gives 50.00%" in line

@@ -443,8 +443,10 @@ def _attack_comparison(results: list[Any]) -> str:
     example is robust only if no attack broke it; never above the minimum over attacks)."""
     accs = [r.robust_accuracy for r in results]
     worst = min(range(len(results)), key=lambda i: accs[i])
-    flags = [r.robust_flags for r in results]
-    per_example = sum(all(f[i] == "1" for f in flags) for i in range(len(flags[0]))) / len(flags[0])
+    from robustkit.eval.paired import per_example_worst
+
+    worst_flags = per_example_worst([r.robust_flags for r in results])
+    per_example = sum(worst_flags) / len(worst_flags)
     each = " | ".join(f"{r.attack} {100 * a:.2f}%" for r, a in zip(results, accs, strict=True))
     return (f"robust accuracy by attack: {each} -> report {100 * per_example:.2f}% "
             f"(per-example worst case; the strongest single attack, {results[worst].attack}, "

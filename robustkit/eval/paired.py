@@ -45,6 +45,12 @@ def as_bools(flags: str | Sequence[Any]) -> list[bool]:
     return [c == "1" for c in flags] if isinstance(flags, str) else [bool(v) for v in flags]
 
 
+def per_example_worst(flags: Sequence[str | Sequence[Any]]) -> list[bool]:
+    """Robust under every attack: the worst case over attacks of one model on the same examples
+    (never above the lowest single robust accuracy)."""
+    return [all(col) for col in zip(*(as_bools(f) for f in flags), strict=True)]
+
+
 # --------------------------------------------------------------------------- result files
 
 
@@ -107,7 +113,7 @@ def compare_results(paths: Sequence[str], labels: Sequence[str] | None = None) -
                            "results": rows, "pairs": pairs, "worst_case": None}
     models = {(r.model, r.provenance.get("checkpoint_sha256")) for r in results}
     if len(models) == 1:
-        worst = [all(col) for col in zip(*robust, strict=True)]
+        worst = per_example_worst(robust)
         out["worst_case"] = {"robust_acc": sum(worst) / len(worst), "n_robust": sum(worst),
                              "lowest_single": min(float(r.robust_accuracy or 0.0) for r in results)}
     else:
